@@ -1,0 +1,181 @@
+"""Typed configuration: dataclasses loaded from the TOML presets in ``configs/``.
+
+A preset (``configs/toy.toml`` or ``configs/paper.toml``) gives every value; a user file passed
+with ``--config`` overrides any subset of it; CLI flags override both. Unknown sections or keys
+are an error naming the key, so a typo never silently falls back to a default. The resolved
+config is written beside every output (see ``pipeline/artifacts.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cpgan.errors import CpganError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = ("toy", "paper")
+
+
+@dataclass
+class DataConfig:
+    """The dataset and its text: caption length is the AttnGAN WORDS_NUM (paper 18)."""
+
+    max_caption_words: int = 18
+    min_word_count: int = 1
+
+
+@dataclass
+class DetectorConfig:
+    """YOLOv3 regions (§3.2.1): top-36 boxes, D-dim RoIAlign features from ``feature_layer``."""
+
+    cfg: str = "configs/darknet/yolov3.cfg"
+    input_size: int = 416
+    num_regions: int = 36
+    feature_layer: int = 74
+    feature_dim: int = 1024
+    score_threshold: float = 0.001
+    nms_iou: float = 0.45
+    shard_size: int = 1024
+    train_epochs: int = 100
+    train_batch_size: int = 16
+    train_lr: float = 1e-3
+
+
+@dataclass
+class AttentionConfig:
+    """Bottom-Up/Top-Down captioner sizes (Anderson et al.): hidden 1000, attention 512."""
+
+    embed_dim: int = 1000
+    hidden_dim: int = 1000
+    attention_dim: int = 512
+    dropout: float = 0.5
+    epochs: int = 30
+    batch_size: int = 100
+    lr: float = 5e-4
+    grad_clip: float = 0.1
+
+
+@dataclass
+class MemoryConfig:
+    """Eq. 7: m_r from the top-K most relevant images of word r."""
+
+    topk: int = 5
+
+
+@dataclass
+class EncoderConfig:
+    """MATE and OAIE (Eq. 8-10) and DAMSM pretraining (Eq. 14-25)."""
+
+    word_embed_dim: int = 300
+    text_dim: int = 256
+    image_size: int = 299
+    gamma1: float = 4.0
+    gamma2: float = 5.0
+    gamma3: float = 10.0
+    epochs: int = 120
+    batch_size: int = 48
+    lr: float = 2e-4
+
+
+@dataclass
+class GanConfig:
+    """Generator and discriminators (§3.1, §3.4, §4.1): 64 -> 128 -> 256 in three stages."""
+
+    base_size: int = 64
+    stages: int = 3
+    gf_dim: int = 48
+    df_dim: int = 96
+    r_num: int = 3
+    z_dim: int = 100
+    condition_dim: int = 100
+    fgcd_patches: int = 4
+    batch_size: int = 72
+    epochs: int = 600
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    tiscl_lambda: float = 50.0
+    truncation: float = 2.0
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of one run."""
+
+    preset: str = "paper"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    """Check a TOML value against a dataclass field type (ints are accepted for floats)."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, str, bool) and (
+        not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+    ):
+        raise CpganError(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _apply(target: Any, values: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Overwrite the dataclass ``target`` in place with ``values``, refusing unknown keys."""
+    hints = typing.get_type_hints(type(target))
+    for key, value in values.items():
+        where = f"{source}: {prefix}{key}"
+        if key not in hints:
+            raise CpganError(f"{source}: unknown config key '{prefix}{key}'")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise CpganError(f"{where}: expected a [{prefix}{key}] table")
+            _apply(current, value, source, f"{prefix}{key}.")
+        else:
+            setattr(target, key, _coerce(value, hints[key], where))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise CpganError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CpganError(f"{path}: not valid TOML ({exc})") from None
+
+
+def load_config(
+    preset: str = "toy",
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Resolve preset -> ``config_file`` -> ``overrides`` (dotted keys, e.g. ``memory.topk``)."""
+    if preset not in PRESETS:
+        raise CpganError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+    config = Config()
+    preset_path = CONFIG_DIR / f"{preset}.toml"
+    _apply(config, _read_toml(preset_path), str(preset_path))
+    config.preset = preset
+    if config_file is not None:
+        _apply(config, _read_toml(Path(config_file)), str(config_file))
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *sections, key = dotted.split(".")
+        nested: dict[str, Any] = {key: value}
+        for section in reversed(sections):
+            nested = {section: nested}
+        _apply(config, nested, "command line")
+    return config

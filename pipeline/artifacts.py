@@ -1,0 +1,254 @@
+"""The artifact store: atomic writes and provenance (DESIGN §3).
+
+Every file a stage writes goes through :func:`atomic_write` or :func:`atomic_dir`: the content
+is written to a temporary name in the same folder, flushed and fsynced, then renamed into place.
+A run killed at any moment therefore leaves either the previous complete file or nothing that
+looks finished (temporary names start with ``.tmp-`` and are swept on the next run).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+TMP_PREFIX = ".tmp-"
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable by fsyncing the folder that holds it (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it to ``path``.
+
+    The caller writes the whole file to the yielded path (with any library: h5py, pyarrow,
+    torch.save, plain open). On an exception the temporary file is removed and ``path`` is left
+    untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{target.name}.", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success rename it to ``path``.
+
+    For outputs that are a whole tree (the toy dataset). ``path`` must not exist yet: replacing
+    a finished tree is the caller's explicit decision, not a side effect.
+    """
+    target = Path(path)
+    if target.exists():
+        raise FileExistsError(f"{target}: already exists")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        for root, _dirs, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as handle:
+                    os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove temporary files and folders a killed run left in ``folder``; return what went."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if entry.name.startswith(TMP_PREFIX):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+# --------------------------------------------------------------------------- provenance
+#
+# Each stage writes one record beside its outputs: the resolved config, the parameters that
+# decide its result, fingerprints of its inputs and outputs, the package version and a summary
+# of key figures. A stage is "done" when its record exists and every input and output still
+# matches its fingerprint, "stale" when something changed, "missing" when it never finished.
+
+STAGES = (
+    "vocab",
+    "train-detector",
+    "detect",
+    "train-attention",
+    "attend",
+    "build-memory",
+    "damsm",
+    "gan",
+    "eval",
+)
+_RECORD_PATHS = {
+    "vocab": "vocab.provenance.json",
+    "train-detector": "models/detector.provenance.json",
+    "detect": "regions/{split}.provenance.json",
+    "train-attention": "models/captioner.provenance.json",
+    "attend": "attention/{split}.provenance.json",
+    "build-memory": "memory.provenance.json",
+    "damsm": "models/damsm.provenance.json",
+    "gan": "models/gan.provenance.json",
+    "eval": "report/report.provenance.json",
+}
+_HASH_CHUNK = 1 << 20
+
+
+def record_path(root: Path, stage: str, split: str | None = None) -> Path:
+    """Where ``stage`` keeps its provenance record under the artifacts root."""
+    template = _RECORD_PATHS[stage]
+    if "{split}" in template and not split:
+        raise ValueError(f"stage {stage} needs a split")
+    return Path(root) / template.format(split=split)
+
+
+def fingerprint(path: Path, known: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Size, mtime and SHA-256 of a file; the hash is reused from ``known`` when size and
+    mtime are unchanged, so checking a multi-GB shard is cheap unless it was rewritten."""
+    stat = Path(path).stat()
+    if known and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+        return dict(known)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+
+
+def _key(root: Path, path: Path) -> str:
+    """Record paths relative to the artifacts root when inside it (the root can move)."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _resolve(root: Path, key: str) -> Path:
+    path = Path(key)
+    return path if path.is_absolute() else Path(root) / path
+
+
+def write_record(
+    root: Path,
+    stage: str,
+    *,
+    config: dict[str, Any],
+    params: dict[str, Any],
+    inputs: Iterable[Path],
+    outputs: Iterable[Path],
+    summary: dict[str, Any] | None = None,
+    split: str | None = None,
+) -> Path:
+    """Write ``stage``'s provenance record atomically, after its outputs are in place."""
+    from cpgan import __version__
+
+    record = {
+        "stage": stage,
+        "split": split,
+        "version": __version__,
+        "params": params,
+        "inputs": {_key(root, p): fingerprint(p) for p in sorted(map(Path, inputs))},
+        "outputs": {_key(root, p): fingerprint(p) for p in sorted(map(Path, outputs))},
+        "summary": summary or {},
+        "config": config,
+    }
+    path = record_path(root, stage, split)
+    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def read_record(root: Path, stage: str, split: str | None = None) -> dict[str, Any] | None:
+    """The stage's record, or None when there is none or it is unreadable."""
+    path = record_path(root, stage, split)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and record.get("stage") == stage else None
+
+
+def _changed(root: Path, files: dict[str, Any], role: str) -> str | None:
+    for key, known in files.items():
+        path = _resolve(root, key)
+        if not path.is_file():
+            return f"{role} {key} is missing"
+        if fingerprint(path, known)["sha256"] != known.get("sha256"):
+            return f"{role} {key} changed"
+    return None
+
+
+def stage_state(root: Path, stage: str, split: str | None = None) -> tuple[str, str]:
+    """("done" | "stale" | "missing", reason) for one stage."""
+    record = read_record(root, stage, split)
+    if record is None:
+        return "missing", "no provenance record"
+    reason = _changed(root, record.get("inputs", {}), "input") or _changed(
+        root, record.get("outputs", {}), "output"
+    )
+    return ("stale", reason) if reason else ("done", "")
+
+
+def is_current(
+    root: Path,
+    stage: str,
+    *,
+    params: dict[str, Any],
+    inputs: Iterable[Path],
+    split: str | None = None,
+) -> bool:
+    """True when ``stage`` already finished with these parameters and these exact inputs,
+    so a rerun can skip it."""
+    record = read_record(root, stage, split)
+    if record is None or record.get("params") != json.loads(json.dumps(params)):
+        return False
+    if set(record.get("inputs", {})) != {_key(root, Path(p)) for p in inputs}:
+        return False
+    return stage_state(root, stage, split)[0] == "done"

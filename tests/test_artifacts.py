@@ -1,0 +1,100 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cpgan.pipeline import artifacts
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path: Path):
+    target = tmp_path / "out.bin"
+    artifacts.atomic_write_bytes(target, b"first")
+    with pytest.raises(RuntimeError):
+        with artifacts.atomic_write(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash")
+    assert target.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_write_killed_half_way_leaves_nothing_that_looks_finished(tmp_path: Path):
+    target = tmp_path / "big.bin"
+    script = (
+        "import sys, time\n"
+        "from cpgan.pipeline.artifacts import atomic_write\n"
+        "with atomic_write(sys.argv[1]) as tmp:\n"
+        "    with open(tmp, 'wb') as f:\n"
+        "        f.write(b'x' * 1000); f.flush()\n"
+        "        print('writing', flush=True)\n"
+        "        time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not target.exists()
+    leftovers = list(tmp_path.iterdir())
+    assert leftovers and all(p.name.startswith(artifacts.TMP_PREFIX) for p in leftovers)
+    assert artifacts.sweep_temporaries(tmp_path) == leftovers
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir(tmp_path: Path):
+    target = tmp_path / "tree"
+    with artifacts.atomic_dir(target) as tmp:
+        (tmp / "a").mkdir()
+        (tmp / "a" / "f.txt").write_text("hi")
+        assert not target.exists()
+    assert (target / "a" / "f.txt").read_text() == "hi"
+    with pytest.raises(FileExistsError):
+        with artifacts.atomic_dir(target):
+            pass
+    with pytest.raises(ValueError):
+        with artifacts.atomic_dir(tmp_path / "other") as tmp:
+            (tmp / "partial").write_text("x")
+            raise ValueError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
+
+
+def _run_stage(root: Path, source: Path, params: dict) -> Path:
+    out = root / "vocab.json"
+    artifacts.atomic_write_text(out, source.read_text().upper())
+    artifacts.write_record(root, "vocab", config={"k": 1}, params=params, inputs=[source], outputs=[out])
+    return out
+
+
+def test_status_done_stale_missing(tmp_path: Path):
+    root = tmp_path / "artifacts"
+    source = tmp_path / "captions.json"
+    source.write_text("a red ball")
+    assert artifacts.stage_state(root, "vocab") == ("missing", "no provenance record")
+    out = _run_stage(root, source, {"min_count": 1})
+    assert artifacts.stage_state(root, "vocab") == ("done", "")
+    assert artifacts.is_current(root, "vocab", params={"min_count": 1}, inputs=[source])
+    assert not artifacts.is_current(root, "vocab", params={"min_count": 2}, inputs=[source])
+
+    time.sleep(0.01)
+    source.write_text("a blue box")
+    state, reason = artifacts.stage_state(root, "vocab")
+    assert state == "stale" and "captions.json changed" in reason
+    assert not artifacts.is_current(root, "vocab", params={"min_count": 1}, inputs=[source])
+
+    _run_stage(root, source, {"min_count": 1})
+    assert artifacts.stage_state(root, "vocab")[0] == "done"
+    out.write_text("edited by hand")
+    assert artifacts.stage_state(root, "vocab") == ("stale", "output vocab.json changed")
+    out.unlink()
+    assert artifacts.stage_state(root, "vocab") == ("stale", "output vocab.json is missing")
+
+
+def test_touch_without_change_stays_done(tmp_path: Path):
+    root = tmp_path / "artifacts"
+    source = tmp_path / "captions.json"
+    source.write_text("same")
+    _run_stage(root, source, {})
+    os.utime(source, ns=(1, 1))  # mtime changes, content does not: rehash says unchanged
+    assert artifacts.stage_state(root, "vocab") == ("done", "")
