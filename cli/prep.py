@@ -5,6 +5,7 @@ skips work that is already done with the same inputs and parameters.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -65,13 +66,13 @@ def vocab(run: RunContext, min_count: int | None) -> None:
     AttnGAN's tokenisation (lower-case, \\w+ tokens, non-ASCII dropped); specials <pad>
     <unk> <bos> <eos> take ids 0-3. Writes <artifacts>/vocab.json.
     """
-    from cpgan.pipeline.coco import CocoSplit
+    from cpgan.pipeline.coco import CocoSplit, annotation_file
     from cpgan.pipeline.text import build_vocabulary
 
     if min_count is not None:
         run.config.data.min_word_count = min_count
     params = {"min_count": run.config.data.min_word_count}
-    captions_file = run.coco_root / "annotations" / "captions_train2014.json"
+    captions_file = annotation_file(run.coco_root, "captions", "train2014")
     target = run.artifacts / "vocab.json"
     if artifacts.is_current(run.artifacts, "vocab", params=params, inputs=[captions_file]):
         click.echo(f"vocab: up to date ({target})")
@@ -84,6 +85,96 @@ def vocab(run: RunContext, min_count: int | None) -> None:
     artifacts.write_record(run.artifacts, "vocab", config=run.config.to_dict(), params=params,
                            inputs=[captions_file], outputs=[target], summary=summary)
     click.echo(f"vocab: {len(vocabulary)} tokens (min count {params['min_count']}) -> {target}")
+
+
+@cli.command("inspect-weights")
+@click.argument("weights", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--cfg", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              required=True, help="Darknet .cfg the weights belong to.")
+def inspect_weights(weights: Path, cfg: Path) -> None:
+    """Check a Darknet .weights file against its .cfg without loading it.
+
+    Prints every layer (type, output shape, stored floats), the parameter count, the
+    expected and actual file sizes and a verdict (OK, PARTIAL for backbone files such as
+    darknet53.conv.74, or MISMATCH). Exits 1 unless the file matches the whole cfg.
+    """
+    from cpgan.model.darknet import describe_weights
+
+    info = describe_weights(cfg, weights)
+    header = info["header"]
+    click.echo(f"{weights} against {cfg}")
+    click.echo(f"header: version {header['major']}.{header['minor']}.{header['revision']}, "
+               f"seen {header['seen']}")
+    click.echo(f"{'layer':>5}  {'type':<14}{'output':<16}{'floats':>12}")
+    for row in info["layers"]:
+        click.echo(f"{row['index']:>5}  {row['type']:<14}{row['output']:<16}{row['weight_floats']:>12,}")
+    click.echo(f"parameters: {info['total_params']:,}")
+    click.echo(f"expected size: {info['expected_bytes']:,} bytes; actual: {info['actual_bytes']:,} bytes")
+    click.echo(f"verdict: {info['verdict']}")
+    if info["expected_bytes"] != info["actual_bytes"]:
+        raise SystemExit(1)
+
+
+@cli.command("detect")
+@common_options
+@click.option("--split", type=click.Choice(["train2014", "val2014"]), default="train2014",
+              show_default=True)
+@click.option("--cfg", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Darknet .cfg (default: the preset's, e.g. configs/darknet/yolov3-toy.cfg).")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Darknet .weights file or models/detector.pt "
+              "(default: <artifacts>/models/detector.pt from train-detector).")
+@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1,
+              show_default="the number of CPU cores",
+              help="Dask worker processes of the LocalCluster, one torch thread each "
+              "(ignored with --scheduler).")
+@click.option("--scheduler", default=None,
+              help="Address of an existing dask scheduler, e.g. tcp://host:8786 "
+              "(the artifacts folder must be on a filesystem the workers share).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None,
+              help="Images per HDF5 shard and per dask task (default: preset).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Only the first N images of the split (by image id).")
+def detect_command(run: RunContext, split: str, cfg: Path | None, weights: Path | None,
+                   workers: int, scheduler: str | None, shard_size: int | None,
+                   batch_size: int, device: str, limit: int | None) -> None:
+    """YOLOv3 regions: top-36 boxes and a D-dim RoIAlign feature per box for every image.
+
+    Writes regions/<split>-NNNNN.h5 shards and regions/index.parquet (DESIGN §3). Runs one
+    dask task per shard; a finished shard with the same detector, parameters and images is
+    reused, so an interrupted run resumes. Images that fail to decode are recorded in the
+    index's status column and skipped.
+    """
+    from cpgan.pipeline.coco import CocoSplit
+    from cpgan.pipeline.detect import DetectSettings, detect, load_detector
+
+    det = run.config.detector
+    cfg = run.project_path(cfg or det.cfg)
+    weights = weights or run.artifacts / "models" / "detector.pt"
+    if shard_size is not None:
+        det.shard_size = shard_size
+    settings = DetectSettings(
+        coco_root=str(run.coco_root.resolve()), split=split, cfg=str(cfg.resolve()),
+        weights=str(Path(weights).resolve()), input_size=det.input_size,
+        feature_layer=det.feature_layer, num_regions=det.num_regions,
+        score_threshold=det.score_threshold, nms_iou=det.nms_iou, batch_size=batch_size,
+        device=device,
+    )
+    load_detector(settings.cfg, settings.weights)  # fail here, once, not in every worker
+    coco = CocoSplit.open(run.coco_root, split)
+    out_dir = run.artifacts / "regions"
+    summary, shards = detect(coco, settings, out_dir, shard_size=det.shard_size, limit=limit,
+                             workers=workers, scheduler=scheduler)
+    params = {"settings": {k: v for k, v in vars(settings).items()
+                           if k not in ("coco_root", "device", "batch_size")},
+              "shard_size": det.shard_size, "limit": limit}
+    inputs = [coco.captions_file, cfg, Path(weights)]
+    artifacts.write_record(run.artifacts, "detect", split=split, config=run.config.to_dict(),
+                           params=params, inputs=inputs, outputs=shards, summary=summary)
+    click.echo(f"detect [{split}]: {summary['images']} images, {summary['failed']} failed, "
+               f"{summary['shards']} shards ({summary['reused_shards']} reused) -> {out_dir}")
 
 
 @cli.command("status")

@@ -147,6 +147,11 @@ def _check_instances(data: dict[str, Any], image_ids: set[int], path: Path) -> N
             )
 
 
+def annotation_file(root: Path, kind: str, split: str) -> Path:
+    """``root/annotations/{captions,instances}_{split}.json`` of the official layout."""
+    return Path(root) / "annotations" / f"{kind}_{split}.json"
+
+
 def _index(data: dict[str, Any]) -> COCO:
     """Build a pycocotools index over already-validated data, without its progress prints."""
     coco = COCO()
@@ -191,12 +196,12 @@ class CocoSplit:
         folder = root / split
         if not folder.is_dir():
             raise CpganError(f"{folder}: image folder is missing")
-        captions_path = root / "annotations" / f"captions_{split}.json"
+        captions_path = annotation_file(root, "captions", split)
         captions_data = _load_json(captions_path)
         image_ids = _check_images(captions_data, captions_path)
         _check_annotations(captions_data, _CAPTION_FIELDS, image_ids, captions_path)
 
-        instances_path = root / "annotations" / f"instances_{split}.json"
+        instances_path = annotation_file(root, "instances", split)
         instances = None
         if require_instances or instances_path.exists():
             instances_data = _load_json(instances_path)
@@ -210,6 +215,14 @@ class CocoSplit:
             _check_instances(instances_data, image_ids, instances_path)
             instances = _index(instances_data)
         return cls(root, split, _index(captions_data), instances)
+
+    @property
+    def captions_file(self) -> Path:
+        return annotation_file(self.root, "captions", self.split)
+
+    @property
+    def instances_file(self) -> Path:
+        return annotation_file(self.root, "instances", self.split)
 
     @property
     def has_instances(self) -> bool:

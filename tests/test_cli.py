@@ -33,7 +33,9 @@ def test_every_prep_command_has_help():
     for name, command in prep.commands.items():
         result = runner.invoke(prep, [name, "--help"])
         assert result.exit_code == 0, name
-        assert command.help and "--artifacts" in result.output and "--preset" in result.output
+        assert command.help and len(command.help.split()) > 10, name
+        if name != "inspect-weights":  # the only command that reads no dataset or artifact
+            assert "--artifacts" in result.output and "--preset" in result.output, name
 
 
 def test_make_toy_is_deterministic_and_readable(toy: Path, tmp_path: Path):
