@@ -133,13 +133,18 @@ def inspect_weights(weights: Path, cfg: Path) -> None:
               "(the artifacts folder must be on a filesystem the workers share).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="Images per HDF5 shard and per dask task (default: preset).")
+@click.option("--feature-layer", type=click.IntRange(min=0), default=None,
+              help="Layer whose output is RoIAligned into region features (default: the "
+              "preset's for its own cfg, else the cfg's stride-32 backbone output, e.g. 74 "
+              "of yolov3.cfg).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Only the first N images of the split (by image id).")
 def detect_command(run: RunContext, split: str, cfg: Path | None, weights: Path | None,
                    workers: int, scheduler: str | None, shard_size: int | None,
-                   batch_size: int, device: str, limit: int | None) -> None:
+                   feature_layer: int | None, batch_size: int, device: str,
+                   limit: int | None) -> None:
     """YOLOv3 regions: top-36 boxes and a D-dim RoIAlign feature per box for every image.
 
     Writes regions/<split>-NNNNN.h5 shards and regions/index.parquet (DESIGN §3). Runs one
@@ -150,15 +155,24 @@ def detect_command(run: RunContext, split: str, cfg: Path | None, weights: Path 
     from cpgan.pipeline.coco import CocoSplit
     from cpgan.pipeline.detect import DetectSettings, detect, load_detector
 
+    from cpgan.model.darknet import default_feature_layer, plan_network, read_cfg
+
     det = run.config.detector
-    cfg = run.project_path(cfg or det.cfg)
+    preset_cfg = run.project_path(det.cfg).resolve()
+    cfg = run.project_path(cfg or det.cfg).resolve()
     weights = weights or run.artifacts / "models" / "detector.pt"
     if shard_size is not None:
         det.shard_size = shard_size
+    sections = read_cfg(cfg)
+    if feature_layer is None:
+        feature_layer = (det.feature_layer if cfg == preset_cfg
+                         else default_feature_layer(plan_network(sections)[0]))
+    det.cfg, det.feature_layer = str(cfg), feature_layer
+    det.input_size = sections[0].get_int("width")
     settings = DetectSettings(
-        coco_root=str(run.coco_root.resolve()), split=split, cfg=str(cfg.resolve()),
+        coco_root=str(run.coco_root.resolve()), split=split, cfg=str(cfg),
         weights=str(Path(weights).resolve()), input_size=det.input_size,
-        feature_layer=det.feature_layer, num_regions=det.num_regions,
+        feature_layer=feature_layer, num_regions=det.num_regions,
         score_threshold=det.score_threshold, nms_iou=det.nms_iou, batch_size=batch_size,
         device=device,
     )

@@ -671,6 +671,7 @@ def read_weights(
     values = np.fromfile(path, dtype="<f4", offset=header.nbytes)
     if not np.isfinite(values).all():
         raise CpganError(f"{path}: weights contain NaN or infinite values")
+    _check_variances(model, values, cutoff, path)
     offset = 0
     with torch.no_grad():
         for layer in model.conv_layers(cutoff):
@@ -679,6 +680,21 @@ def read_weights(
                 tensor.copy_(torch.from_numpy(chunk).view_as(tensor))
                 offset += tensor.numel()
     return header
+
+
+def _check_variances(model: Darknet, values: np.ndarray, cutoff: int | None,
+                     path: str | os.PathLike) -> None:
+    """Refuse negative batch-norm running variances: they turn every output into NaN, and a
+    detector that silently finds no region is worse than a clear error."""
+    offset = 0
+    for index, layer in enumerate(model.conv_layers(cutoff)):
+        tensors = layer.weight_tensors()
+        if layer.bn is not None:
+            start = offset + sum(t.numel() for t in tensors[:3])
+            if (values[start:start + tensors[3].numel()] < 0).any():
+                raise CpganError(f"{path}: convolution {index} has a negative batch-norm "
+                                 "variance (corrupt file or wrong cfg)")
+        offset += sum(t.numel() for t in tensors)
 
 
 def write_weights(
@@ -766,3 +782,20 @@ def format_description(description: dict) -> str:
               f"expected bytes: {d['expected_bytes']:,}  actual bytes: {d['actual_bytes']:,}",
               d["verdict"]]
     return "\n".join(lines)
+
+
+def default_feature_layer(layers: Sequence[LayerInfo]) -> int:
+    """The backbone's output: the last [shortcut] at the deepest stride before any [yolo] head.
+
+    CPGAN's region features come from YOLOv3's stride-32 backbone output (layer 74 of
+    yolov3.cfg, the last residual of Darknet-53, 1024 channels). A cfg without residuals at
+    that stride (yolov3-tiny) takes its widest layer there instead (layer 12, 1024 channels).
+    """
+    first_head = next(i for i, info in enumerate(layers) if info.kind == "yolo")
+    deepest = max(info.stride for info in layers[:first_head])
+    candidates = [info for info in layers[:first_head] if info.stride == deepest]
+    shortcuts = [info.index for info in candidates if info.kind == "shortcut"]
+    if shortcuts:
+        return shortcuts[-1]
+    widest = max(info.channels for info in candidates)
+    return next(info.index for info in candidates if info.channels == widest)

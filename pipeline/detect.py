@@ -113,9 +113,6 @@ def _extractor(settings: DetectSettings) -> Any:
            settings.num_regions, settings.score_threshold, settings.nms_iou)
     if key not in _WORKER_CACHE:
         darknet = load_detector(settings.cfg, settings.weights)
-        if darknet.input_width != settings.input_size or darknet.input_height != settings.input_size:
-            raise CpganError(f"{settings.cfg}: network input is {darknet.input_width}x"
-                             f"{darknet.input_height}, the config asks for {settings.input_size}")
         extractor = YoloRegionExtractor(darknet, settings.feature_layer, settings.num_regions,
                                         settings.score_threshold, settings.nms_iou)
         _WORKER_CACHE.clear()

@@ -12,10 +12,13 @@ from cpgan.errors import CpganError
 from cpgan.model.darknet import (
     ConvLayer,
     Darknet,
+    default_feature_layer,
     describe_weights,
     expected_weights_bytes,
     format_description,
     parse_cfg,
+    plan_network,
+    read_cfg,
     read_weights,
     read_weights_header,
     write_weights,
@@ -354,6 +357,32 @@ def test_non_finite_weights_refused(toy_weights: tuple[Darknet, Path], tmp_path:
     bad.write_bytes(bytes(data))
     with pytest.raises(CpganError, match="NaN or infinite"):
         read_weights(_randomized(TOY, seed=9), bad)
+
+
+def test_negative_batchnorm_variance_refused(toy_weights: tuple[Darknet, Path],
+                                              tmp_path: Path) -> None:
+    model, path = toy_weights
+    first = model.conv_layers()[0]
+    beta, gamma, mean, _var, _weight = first.weight_tensors()
+    offset = 20 + 4 * (beta.numel() + gamma.numel() + mean.numel())  # first running variance
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 4] = np.array([-0.5], "<f4").tobytes()
+    bad = tmp_path / "negvar.weights"
+    bad.write_bytes(bytes(data))
+    target = _randomized(TOY, seed=9)
+    before = _stored(target)
+    with pytest.raises(CpganError, match="negative batch-norm variance"):
+        read_weights(target, bad)
+    assert all(torch.equal(a, b) for a, b in zip(before, _stored(target)))
+
+
+@pytest.mark.parametrize("cfg, layer, channels", [(YOLOV3, 74, 1024), (TINY, 12, 1024), (TOY, 20, 256)])
+def test_default_feature_layer_is_the_stride32_backbone_output(cfg: Path, layer: int,
+                                                               channels: int) -> None:
+    plans = plan_network(read_cfg(cfg))[0]
+    chosen = default_feature_layer(plans)
+    assert chosen == layer
+    assert plans[chosen].channels == channels and plans[chosen].stride == 32
 
 
 def test_backbone_cutoff_round_trip(toy_weights: tuple[Darknet, Path], tmp_path: Path) -> None:

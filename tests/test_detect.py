@@ -133,3 +133,27 @@ def _assert_same(got: dict, want: dict) -> None:
         assert got[name].keys() == want[name].keys()
         for key in want[name]:
             np.testing.assert_array_equal(got[name][key], want[name][key], err_msg=f"{name}:{key}")
+
+
+def test_foreign_cfg_brings_its_own_input_size_and_backbone_layer(setup, tmp_path: Path, capsys):
+    tiny_cfg = CFG.parent / "yolov3-tiny.cfg"
+    torch.manual_seed(1)
+    weights = tmp_path / "tiny.weights"
+    write_weights(Darknet.from_cfg_file(tiny_cfg), weights)
+    base = ["detect", "--artifacts", str(tmp_path / "a"), "--coco-root", str(setup["coco"]),
+            "--cfg", str(tiny_cfg), "--workers", "1", "--limit", "2"]
+    _run([*base, "--weights", str(weights)])
+    with RegionShard(tmp_path / "a" / "regions" / "train2014-00000.h5") as shard:
+        assert (len(shard), shard.num_slots, shard.feature_dim) == (2, 36, 1024)
+        assert shard.attrs["input_size"] == 416 and shard.attrs["feature_layer"] == 12
+        assert shard.read("features").dtype == np.float16
+
+    truncated = tmp_path / "truncated.weights"
+    truncated.write_bytes(weights.read_bytes()[:-8])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        prep_main([*base, "--weights", str(truncated)])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and err.count("\n") == 1
+    size = weights.stat().st_size
+    assert f"expected {size} bytes" in err and f"found {size - 8} bytes" in err
