@@ -5,7 +5,6 @@ skips work that is already done with the same inputs and parameters.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -13,6 +12,7 @@ import click
 from cpgan.cli.common import TOY_DIRNAME, RunContext, common_options, report_errors
 from cpgan.errors import CpganError
 from cpgan.pipeline import artifacts
+from cpgan.pipeline.cluster import default_workers
 
 
 @click.group(
@@ -124,7 +124,7 @@ def inspect_weights(weights: Path, cfg: Path) -> None:
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Darknet .weights file or models/detector.pt "
               "(default: <artifacts>/models/detector.pt from train-detector).")
-@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1,
+@click.option("--workers", type=click.IntRange(min=1), default=default_workers(),
               show_default="the number of CPU cores",
               help="Dask worker processes of the LocalCluster, one torch thread each "
               "(ignored with --scheduler).")

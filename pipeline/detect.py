@@ -13,7 +13,6 @@ attribute and the ``status`` column of ``regions/index.parquet`` keep their reas
 from __future__ import annotations
 
 import hashlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from cpgan import __version__
 from cpgan.errors import CpganError
 from cpgan.pipeline import regions as store
 from cpgan.pipeline.artifacts import fingerprint, sweep_temporaries
+from cpgan.pipeline.cluster import run_tasks
 from cpgan.pipeline.coco import CocoSplit, iter_images
 
 
@@ -102,7 +102,6 @@ def _load_state_file(model: torch.nn.Module, path: Path) -> None:
 
 
 _WORKER_CACHE: dict[tuple, Any] = {}
-_ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
 def _extractor(settings: DetectSettings) -> Any:
@@ -275,34 +274,6 @@ def merge_index(index_path: Path, split: str, table: pa.Table) -> pa.Table:
     return pa.concat_tables([previous.filter(keep), table])
 
 
-def run_shards(settings: DetectSettings, shards: list[list[int]], pending: list[int],
-               out_dir: Path, workers: int, scheduler: str | None, progress: bool) -> None:
-    """Run the pending shards as dask tasks on a LocalCluster or an existing scheduler."""
-    from dask.distributed import Client, LocalCluster, as_completed
-    from tqdm import tqdm
-
-    if not pending:
-        return
-    total = sum(len(shards[i]) for i in range(len(shards)))
-    done = total - sum(len(shards[i]) for i in pending)
-    cluster = None
-    if scheduler is None:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=40, env=_ONE_THREAD)
-    try:
-        with Client(scheduler or cluster) as client, \
-                tqdm(total=total, initial=done, unit="img", desc=f"detect {settings.split}",
-                     disable=not progress) as bar:
-            futures = [client.submit(run_shard, settings, i, shards[i], str(out_dir),
-                                     key=f"detect-{settings.split}-{i}-{os.getpid()}", pure=False)
-                       for i in pending]
-            for future in as_completed(futures):
-                bar.update(future.result())
-    finally:
-        if cluster is not None:
-            cluster.close()
-
-
 def detect(split: CocoSplit, settings: DetectSettings, out_dir: Path, *, shard_size: int,
            limit: int | None, workers: int, scheduler: str | None,
            progress: bool = True) -> tuple[dict[str, Any], list[Path]]:
@@ -313,7 +284,10 @@ def detect(split: CocoSplit, settings: DetectSettings, out_dir: Path, *, shard_s
     shards = plan_shards(image_ids, shard_size)
     remove_unplanned_shards(settings.split, len(shards), out_dir)
     pending = pending_shards(settings, shards, out_dir)
-    run_shards(settings, shards, pending, out_dir, workers, scheduler, progress)
+    tasks = [(settings, i, shards[i], str(out_dir)) for i in pending]
+    run_tasks(run_shard, tasks, workers=workers, scheduler=scheduler, total=len(image_ids),
+              initial=len(image_ids) - sum(len(shards[i]) for i in pending),
+              description=f"detect {settings.split}", unit="img", progress=progress)
     table, failed = build_index(split, settings, shards, out_dir)
     index_path = out_dir / store.INDEX_NAME
     store.write_index(index_path, merge_index(index_path, settings.split, table))
