@@ -1,0 +1,134 @@
+"""Benchmark of `cpgan-prep detect` (issue: YOLOv3 region stage). Not a test.
+
+Measures, in one run on this machine:
+1. Throughput of the whole stage (decode + letterbox + forward + NMS + RoIAlign + HDF5 write)
+   with yolov3.cfg at 416 and random weights, as a fraction of the machine's compute limit:
+   GFLOPs per image (counted by torch's FlopCounterMode) x images/s, divided by the conv
+   GFLOP/s torch reaches on the same cores (one thread per worker, as detect runs).
+2. Scaling: 2 dask workers vs 1.
+
+Fixed costs (cluster start, model load) are removed by timing two runs of different sizes
+and dividing the image difference by the time difference.
+
+    .venv/bin/python bench/detect.py [--images 24] [--workdir /tmp/cpgan-bench-detect]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parent.parent
+CFG = ROOT / "configs" / "darknet" / "yolov3.cfg"
+
+
+def write_random_weights(cfg: Path, path: Path, seed: int = 0) -> None:
+    """A Darknet weights file written with numpy, not with the project's writer: BN layers
+    get beta 0, gamma 1, mean 0, var 1; convolutions He-initialised."""
+    from cpgan.model.darknet import plan_network, read_cfg
+
+    rng = np.random.default_rng(seed)
+    layers = plan_network(read_cfg(cfg))[0]
+    channels = 3
+    with open(path, "wb") as f:
+        np.array([0, 2, 0], "<i4").tofile(f)
+        np.array([0], "<i8").tofile(f)
+        for info in layers:
+            if info.kind == "convolutional":
+                n, k = info.options["filters"], info.options["size"]
+                fan_in = channels * k * k
+                if info.options["bn"]:
+                    for fill in (0.0, 1.0, 0.0, 1.0):
+                        np.full(n, fill, "<f4").tofile(f)
+                else:
+                    np.zeros(n, "<f4").tofile(f)
+                (rng.standard_normal(n * fan_in) * np.sqrt(2.0 / fan_in)).astype("<f4").tofile(f)
+            channels = info.channels
+
+
+def gflops_per_image(cfg: Path, size: int) -> float:
+    from cpgan.model.darknet import Darknet
+
+    model = Darknet.from_cfg_file(cfg).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
+
+
+def conv_gflops_per_second(seconds: float = 3.0) -> float:
+    """Single-thread conv rate on a layer typical of Darknet-53 (3x3, 256->512, 26x26)."""
+    torch.set_num_threads(1)
+    conv = torch.nn.Conv2d(256, 512, 3, padding=1, bias=False).eval()
+    x = torch.randn(1, 256, 26, 26)
+    flops = 2 * 256 * 512 * 9 * 26 * 26
+    with torch.no_grad():
+        for _ in range(3):
+            conv(x)
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            conv(x)
+            count += 1
+    return count * flops / (time.perf_counter() - start) / 1e9
+
+
+def run_detect(coco: Path, weights: Path, out: Path, images: int, workers: int) -> float:
+    command = [str(ROOT / ".venv" / "bin" / "cpgan-prep"), "detect", "--coco-root", str(coco),
+               "--cfg", str(CFG), "--weights", str(weights), "--artifacts", str(out),
+               "--limit", str(images), "--shard-size", str(max(1, images // (2 * workers))),
+               "--batch-size", "4", "--workers", str(workers)]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def throughput(coco: Path, weights: Path, work: Path, images: int, workers: int) -> float:
+    """Images/s with fixed costs removed: (N2 - N1) / (T2 - T1)."""
+    small = max(2 * workers, images // 4)
+    t_small = run_detect(coco, weights, work / f"w{workers}-small", small, workers)
+    t_large = run_detect(coco, weights, work / f"w{workers}-large", images, workers)
+    return (images - small) / (t_large - t_small)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/cpgan-bench-detect"))
+    args = parser.parse_args()
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    coco, weights = work / "coco", work / "yolov3-random.weights"
+    if not coco.exists():
+        from cpgan.pipeline.toy import generate_toy_coco
+
+        generate_toy_coco(coco, train_images=args.images, val_images=1, image_size=480,
+                          progress=False)
+    if not weights.exists():
+        write_random_weights(CFG, weights)
+    gflops = gflops_per_image(CFG, 416)
+    conv_rate = conv_gflops_per_second()
+    cores = os.cpu_count() or 1
+    rates = {w: throughput(coco, weights, work, args.images, w) for w in (1, 2)}
+    result = {
+        "gflops_per_image": round(gflops, 2),
+        "conv_gflops_per_s_one_thread": round(conv_rate, 1),
+        "images_per_s": {str(w): round(r, 3) for w, r in rates.items()},
+        "fraction_of_compute_limit": {
+            str(w): round(rates[w] * gflops / (conv_rate * min(w, cores)), 3) for w in rates},
+        "scaling_2_vs_1": round(rates[2] / rates[1], 2),
+        "load_average": os.getloadavg(),
+    }
+    json.dump(result, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()
