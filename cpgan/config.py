@@ -43,6 +43,11 @@ class DetectorConfig:
     train_epochs: int = 100
     train_batch_size: int = 16
     train_lr: float = 1e-3
+    train_weight_decay: float = 5e-4
+    train_warmup_steps: int = 1000
+    train_workers: int = 4
+    train_average_decay: float = 0.9999
+    train_cls_weight: float = 1.0
 
 
 @dataclass
@@ -79,6 +84,9 @@ class EncoderConfig:
     epochs: int = 120
     batch_size: int = 48
     lr: float = 2e-4
+    backbone: str = "inception"   # "inception" (frozen, ImageNet weights) or "toy" (trained)
+    backbone_width: int = 32      # channels of the toy backbone's first stage
+    grad_clip: float = 0.25       # AttnGAN's RNN_GRAD_CLIP on the text encoder
 
 
 @dataclass
