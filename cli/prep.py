@@ -257,6 +257,15 @@ def _recorded_splits(root: Path, stage: str) -> list[str]:
     return sorted(p.name.removesuffix(".provenance.json") for p in folder.glob("*.provenance.json"))
 
 
+def _register_stage_commands() -> None:
+    """Commands whose stages live in their own CLI modules."""
+    from cpgan.cli.memory import build_memory_command, show_memory_command
+
+    for command in (build_memory_command, show_memory_command):
+        cli.add_command(command)
+
+
+_register_stage_commands()
 main = report_errors(cli)
 
 if __name__ == "__main__":
