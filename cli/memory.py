@@ -39,7 +39,7 @@ SHOWN_ZERO_SUPPORT = 8
 @click.option("--force", is_flag=True, help="Rebuild even when memory.h5 is up to date.")
 def build_memory_command(run: RunContext, topk: int | None, split: str, workers: int,
                          scheduler: str | None, purity: bool, force: bool) -> None:
-    """Eq. 7: the visual memory m_r of every vocabulary word.
+    """The visual memory m_r of every vocabulary word (Eq. 7) -> memory.h5.
 
     For word r, each image with a caption containing r is relevant; its relevance is the
     largest attention weight over its occurrences of r, whose region is used. The K most

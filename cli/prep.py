@@ -259,9 +259,11 @@ def _recorded_splits(root: Path, stage: str) -> list[str]:
 
 def _register_stage_commands() -> None:
     """Commands whose stages live in their own CLI modules."""
+    from cpgan.cli.attention import attend_command, show_attention, train_attention
     from cpgan.cli.memory import build_memory_command, show_memory_command
 
-    for command in (build_memory_command, show_memory_command):
+    for command in (train_attention, attend_command, show_attention, build_memory_command,
+                    show_memory_command):
         cli.add_command(command)
 
 
