@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cpgan-installed
 ARTIFACTS ?= artifacts
+PREP := $(BIN)/cpgan-prep
+A := --artifacts $(ARTIFACTS)
 
 .PHONY: install test demo clean-artifacts
 
@@ -13,17 +15,23 @@ install: $(STAMP)
 
 $(STAMP): setup.py setup.cfg
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
 
+# One line per stage with its key figure; every stage skips work that is already done.
 demo: $(STAMP)
-	$(BIN)/cpgan-prep make-toy --artifacts $(ARTIFACTS)
-	$(BIN)/cpgan-prep vocab --artifacts $(ARTIFACTS)
-	$(BIN)/cpgan-prep status --artifacts $(ARTIFACTS)
+	$(PREP) make-toy $(A)
+	$(PREP) vocab $(A)
+	$(PREP) train-detector $(A)
+	$(PREP) detect --split train2014 $(A)
+	$(PREP) detect --split val2014 $(A)
+	$(PREP) train-attention $(A)
+	$(PREP) attend --split train2014 $(A)
+	$(PREP) build-memory --topk 5 $(A)
+	$(PREP) status $(A)
 
 clean-artifacts:
 	rm -rf $(ARTIFACTS)/*/ $(ARTIFACTS)/*.json $(ARTIFACTS)/*.h5 $(ARTIFACTS)/*.parquet
