@@ -43,6 +43,7 @@ from cpgan import __version__
 from cpgan.errors import CpganError
 from cpgan.model.butd import BOS_ID, EOS_ID, PAD_ID, salient_regions
 from cpgan.pipeline import regions as store
+from cpgan.pipeline.attention_table import ATTENTION_SCHEMA
 from cpgan.pipeline.artifacts import atomic_write, atomic_write_text, sweep_temporaries
 from cpgan.pipeline.categories import HIT_IOU, category_words, region_hits
 from cpgan.pipeline.cluster import run_tasks
@@ -57,16 +58,7 @@ from cpgan.trainer.captioner import (
     read_shard_arrays,
 )
 
-SCHEMA = pa.schema(
-    [
-        ("image_id", pa.int64()),
-        ("caption_id", pa.int64()),
-        ("position", pa.int16()),
-        ("word_id", pa.int32()),
-        ("region", pa.int16()),
-        ("weight", pa.float32()),
-    ]
-)
+SCHEMA = ATTENTION_SCHEMA
 METADATA_KEY = b"cpgan.attend"
 SORT_KEYS = [("image_id", "ascending"), ("caption_id", "ascending"), ("position", "ascending")]
 NOT_WORDS = (PAD_ID, BOS_ID, EOS_ID)

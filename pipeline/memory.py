@@ -56,6 +56,7 @@ from cpgan.errors import CpganError, ItemError
 from cpgan.pipeline import artifacts
 from cpgan.pipeline import regions as store
 from cpgan.pipeline.artifacts import TMP_PREFIX, atomic_write, atomic_write_text, fingerprint
+from cpgan.pipeline.attention_table import ATTENTION_SCHEMA
 from cpgan.pipeline.cluster import ONE_THREAD_ENV
 from cpgan.pipeline.text import SPECIALS, Vocabulary
 
@@ -71,14 +72,6 @@ VOCAB_NAME = "vocab.json"
 ATTENTION_DIR = "attention"
 REGIONS_DIR = "regions"
 
-ATTENTION_SCHEMA = pa.schema([
-    ("image_id", pa.int64()),
-    ("caption_id", pa.int64()),
-    ("position", pa.int16()),
-    ("word_id", pa.int32()),
-    ("region", pa.int16()),
-    ("weight", pa.float32()),
-])
 BOX_COLUMNS = ("box_x1", "box_y1", "box_x2", "box_y2")
 MEMORY_INDEX_SCHEMA = pa.schema([
     ("word_id", pa.int32()),
