@@ -122,3 +122,169 @@ def r_precision_in_batch(
     eye = torch.eye(batch, dtype=torch.bool, device=scores.device)
     best = scores.masked_fill(eye, float("-inf")).max(dim=2).values
     return fold_statistics((true > best).flatten(), count)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception Score
+#
+# Salimans et al. 2016: IS = exp(E_x KL(p(y|x) || p(y))), where p(y|x) is the scoring network's
+# softmax for image x and p(y) its mean over the images scored together. The images are cut
+# into ``splits`` contiguous parts (10 in every published IS, the CPGAN release included), the
+# score is computed per part and reported as mean and std over the parts. It ranges from 1
+# (every image gets the same distribution, or a uniform one) to C (every image confidently in
+# one class, the classes used evenly).
+
+IS_SPLITS = 10
+
+
+def inception_score(probs: Tensor | np.ndarray, splits: int = IS_SPLITS) -> tuple[float, float]:
+    """Mean and (population) std over ``splits`` contiguous parts of exp(E KL(p(y|x) || p(y))).
+
+    ``probs`` ``[N, C]`` are softmax outputs (rows on the simplex, checked to 1e-3). The parts
+    follow the original code: part i holds rows ``[i N / splits, (i + 1) N / splits)``.
+    Zero probabilities contribute 0 (``0 log 0 = 0``) instead of NaN.
+    """
+    p = torch.as_tensor(probs).detach().to("cpu", torch.float64)
+    if p.dim() != 2 or p.shape[1] < 1:
+        raise ValueError(f"expected [N, C] class probabilities, got {tuple(p.shape)}")
+    if splits < 1 or p.shape[0] < splits:
+        raise ValueError(f"Inception Score needs 1 <= splits <= N, got {splits} splits "
+                         f"for {p.shape[0]} images")
+    if not torch.isfinite(p).all() or (p < 0).any() or \
+            not torch.allclose(p.sum(dim=1), torch.ones(p.shape[0], dtype=p.dtype), atol=1e-3):
+        raise ValueError("probs must be finite, non-negative rows that sum to 1 (softmax outputs)")
+    n = p.shape[0]
+    scores = []
+    for i in range(splits):
+        part = p[i * n // splits:(i + 1) * n // splits]
+        marginal = part.mean(dim=0, keepdim=True)
+        kl = (torch.special.xlogy(part, part) - torch.special.xlogy(part, marginal)).sum(dim=1)
+        scores.append(float(torch.exp(kl.mean())))
+    values = np.array(scores)
+    return float(values.mean()), float(values.std())
+
+
+# ---------------------------------------------------------------------------------------------
+# Frechet Inception Distance
+#
+# Heusel et al. 2017: FID = ||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2}) between
+# Gaussians fitted to two sets of pooled features. Only the trace of (S_1 S_2)^{1/2} is needed,
+# and S_1 S_2 has the same eigenvalues as the symmetric PSD matrix S_1^{1/2} S_2 S_1^{1/2}
+# (AB and BA share non-zero eigenvalues), so the trace is sum(sqrt(eigvalsh(...))) from two
+# symmetric eigendecompositions in float64. Unlike the general ``scipy.linalg.sqrtm`` route of
+# pytorch-fid this never produces complex parts or non-finite values from finite input, so no
+# ``eps * I`` retry is needed; eigenvalues that rounding pushes below zero are clipped to 0.
+
+
+def feature_statistics(features: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``[D]`` and covariance ``[D, D]`` (unbiased, N - 1, as ``np.cov``) in float64."""
+    x = np.asarray(torch.as_tensor(features).detach().cpu().double())
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"expected [N, D] features with N >= 2, got {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("features contain NaN or infinity")
+    return x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix (negative rounding clipped)."""
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
+                     sigma2: np.ndarray) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (FID on pooled features)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} and {mu2.shape}, "
+                         f"sigma {s1.shape} and {s2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
+        raise ValueError("statistics contain NaN or infinity")
+    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2  # exact symmetry for eigh
+    root1 = _psd_sqrt(s1)
+    middle = root1 @ s2 @ root1
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt)
+
+
+def fid(features_a: Tensor | np.ndarray, features_b: Tensor | np.ndarray) -> float:
+    """FID between two feature sets ``[N_a, D]`` and ``[N_b, D]`` (same scoring network)."""
+    mu_a, sigma_a = feature_statistics(features_a)
+    mu_b, sigma_b = feature_statistics(features_b)
+    return frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic Object Accuracy
+#
+# Hinz et al. 2020 (TPAMI), as their calculate_soa.py computes it: for every detector class c,
+# I_c is the set of generated images whose caption names c; an image "recalls" c when the
+# detector finds at least one object of class c in it. With r_c = |recalled in I_c| / |I_c|,
+#   SOA-C = mean over classes (with |I_c| > 0) of r_c            (class-average recall)
+#   SOA-I = sum_c |recalled in I_c| / sum_c |I_c|                 (image-weighted recall)
+# A caption naming two classes puts its image in both I_c, so SOA-I averages over (image,
+# named class) pairs. Detection follows their YOLOv3 settings: a box counts when its
+# objectness is >= 0.5 and its class is the argmax of the class probabilities (their NMS
+# never removes the last box of a class, so it does not change which classes are found).
+
+SOA_OBJECTNESS = 0.5
+
+
+def caption_categories(caption: str, words: dict[str, int]) -> set[int]:
+    """Category ids named by ``caption``: its tokens (the project tokenizer) looked up in
+    ``words`` (``pipeline.categories.category_words``: names, plurals, toy synonyms)."""
+    from cpgan.pipeline.text import tokenize
+
+    return {words[token] for token in tokenize(caption) if token in words}
+
+
+def soa_class_recall(detected: list[set[int]], expected: list[set[int]]) -> dict[int, tuple[int, int]]:
+    """Per class c named by some caption: (images of I_c where c was detected, |I_c|)."""
+    if len(detected) != len(expected):
+        raise ValueError(f"{len(detected)} detection sets for {len(expected)} captions")
+    counts: dict[int, list[int]] = {}
+    for found, named in zip(detected, expected):
+        for category in named:
+            entry = counts.setdefault(category, [0, 0])
+            entry[0] += category in found
+            entry[1] += 1
+    return {c: (hits, total) for c, (hits, total) in sorted(counts.items())}
+
+
+def soa_scores(detected: list[set[int]], expected: list[set[int]]) -> tuple[float, float]:
+    """(SOA-C, SOA-I) of images whose detections are ``detected[i]`` and whose captions name
+    ``expected[i]``; images whose caption names no class do not count."""
+    recall = soa_class_recall(detected, expected)
+    if not recall:
+        raise ValueError("SOA needs at least one caption that names a detector class")
+    soa_c = float(np.mean([hits / total for hits, total in recall.values()]))
+    soa_i = sum(h for h, _ in recall.values()) / sum(t for _, t in recall.values())
+    return soa_c, float(soa_i)
+
+
+@torch.no_grad()
+def detected_categories(detector: torch.nn.Module, images: Tensor, category_ids: list[int],
+                        objectness: float = SOA_OBJECTNESS) -> list[set[int]]:
+    """Category ids the detector finds in each image of ``images`` ``[B, 3, H, W]`` in [-1, 1].
+
+    ``detector`` is a :class:`~cpgan.model.darknet.Darknet` (its cfg fixes the square input
+    size the images are letterboxed to); ``category_ids[k]`` is the dataset category of its
+    class k, as stored in ``detector.pt``.
+    """
+    from cpgan.model.yolo import decode_yolo, letterbox_tensor
+
+    if len(category_ids) != detector.num_classes:
+        raise ValueError(f"{len(category_ids)} category ids for a detector with "
+                         f"{detector.num_classes} classes")
+    x, _ = letterbox_tensor(images, detector.input_size, input_range=(-1.0, 1.0))
+    heads, _ = detector(x)
+    _, object_scores, class_probs = decode_yolo(heads, detector.yolo_specs, x.shape[-2:])
+    labels = class_probs.argmax(dim=-1)
+    found = []
+    for keep, label in zip(object_scores >= objectness, labels):
+        found.append({category_ids[k] for k in label[keep].unique().tolist()})
+    return found

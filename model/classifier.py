@@ -1,0 +1,176 @@
+"""Scoring networks for the Inception Score and FID (DESIGN §4 "Evaluation").
+
+IS needs a classifier's softmax p(y|x) and FID a pooled feature vector, both from a network
+fixed before any generator is scored. Two such networks share one interface,
+``predict(images) -> (logits, features)`` on images in [-1, 1] of any size (each network
+resizes to its own input size):
+
+* :class:`ToyClassifier` — the toy preset's scoring network, fitted on real toy train images
+  by ``cpgan-eval fit-classifier``. Its classes are the (shape, colour) of the image's largest
+  object, 8 x 8 = 64 classes; its features are the pooled last convolution (the analogue of
+  Inception's 2048-d pool3 that FID uses).
+* :class:`InceptionScorer` — torchvision's Inception-v3 with ImageNet weights from a local
+  file, the network the CPGAN release scored IS with (1000 ImageNet classes, 2048-d pool).
+  Its pool features are *not* the pt_inception-2015-12-05 network of published FIDs, so an
+  FID computed from them is not comparable with published numbers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import inception_v3
+
+INCEPTION_SIZE = 299
+TOY_IMAGE_SIZE = 64
+TOY_WIDTH = 16
+
+
+def resize_to(images: Tensor, size: int) -> Tensor:
+    """``[B, 3, H, W]`` images resized to ``size x size``: area averaging when shrinking (what
+    OpenCV's ``INTER_AREA`` does to the real images the toy classifier is fitted on, exactly so
+    for integer factors), bilinear when enlarging; unchanged when already that size."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected [B, 3, H, W] images, got {tuple(images.shape)}")
+    if images.shape[-2:] == (size, size):
+        return images
+    if images.shape[-1] >= size and images.shape[-2] >= size:
+        return F.interpolate(images, size=(size, size), mode="area")
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _conv_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ToyClassifier(nn.Module):
+    """(shape, colour) of the largest object, for the toy preset's IS and FID.
+
+    A small CNN (stride 2, 2, 1, 2, 1, 2 convolutions; ``16 * width`` channels at stride 16),
+    sized to train in about a minute on two CPU cores at 64 px. Three design choices make it
+    learn from 4,000 images in so few steps:
+
+    * **Factorised logits.** Class (s, c) gets logit ``a_s + b_c`` from a shape head and a
+      colour head. The softmax over the 64 classes is then exactly p(s) p(c), so the 64-way
+      cross-entropy is the sum of the shape and colour cross-entropies and every image teaches
+      both heads, instead of spreading ~60 images over each joint class.
+    * **Global max pooling** of the last map: an object covers a few cells of the 4 x 4 map,
+      and averaging would dilute it with background texture.
+    * **Dense auxiliary head** (:meth:`segment`, training only): a 1 x 1 convolution on the
+      stride-8 map predicts, per cell, the (shape, colour) class of the object covering it or
+      background, giving each image dozens of labelled cells instead of one label.
+
+    ``features`` is the pooled ``16 * width`` vector (256-d at the default width), the
+    analogue of Inception's 2048-d pool that FID is computed on.
+    """
+
+    def __init__(self, num_shapes: int, num_colours: int, width: int = TOY_WIDTH,
+                 image_size: int = TOY_IMAGE_SIZE) -> None:
+        super().__init__()
+        if num_shapes < 1 or num_colours < 1 or width < 1 or image_size < 16:
+            raise ValueError(f"invalid classifier sizes: {num_shapes} shapes, {num_colours} "
+                             f"colours, width {width}, image size {image_size}")
+        self.num_shapes, self.num_colours = num_shapes, num_colours
+        self.width, self.image_size = width, image_size
+        self.body = nn.Sequential(
+            _conv_block(3, width, 2),
+            _conv_block(width, 2 * width, 2),
+            _conv_block(2 * width, 2 * width, 1),
+            _conv_block(2 * width, 4 * width, 2),
+            _conv_block(4 * width, 4 * width, 1),
+        )
+        self.top = _conv_block(4 * width, 16 * width, 2)
+        self.shape_head = nn.Linear(16 * width, num_shapes)
+        self.colour_head = nn.Linear(16 * width, num_colours)
+        self.dense_head = nn.Conv2d(4 * width, self.num_classes + 1, 1)
+
+    @property
+    def num_classes(self) -> int:
+        """Class ``s * num_colours + c`` is shape s in colour c."""
+        return self.num_shapes * self.num_colours
+
+    @property
+    def feature_dim(self) -> int:
+        return 16 * self.width
+
+    @property
+    def background_class(self) -> int:
+        """Index of "no object" in :meth:`segment`'s output."""
+        return self.num_classes
+
+    def _body(self, images: Tensor) -> Tensor:
+        return self.body(resize_to(images, self.image_size))
+
+    def _logits(self, features: Tensor) -> Tensor:
+        shape, colour = self.shape_head(features), self.colour_head(features)
+        return (shape.unsqueeze(2) + colour.unsqueeze(1)).flatten(1)
+
+    def features(self, images: Tensor) -> Tensor:
+        """``[B, 16 * width]`` pooled features of images in [-1, 1]."""
+        return self.top(self._body(images)).amax(dim=(2, 3))
+
+    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits [B, num_classes], features [B, feature_dim])`` in one pass."""
+        features = self.features(images)
+        return self._logits(features), features
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self._logits(self.features(images))
+
+    def segment(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Training pass: image logits ``[B, num_classes]`` and per-cell logits
+        ``[B, num_classes + 1, image_size / 8, image_size / 8]`` (last class = background)."""
+        hidden = self._body(images)
+        return self._logits(self.top(hidden).amax(dim=(2, 3))), self.dense_head(hidden)
+
+
+_INCEPTION_LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1",
+                     "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c",
+                     "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+                     "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool")
+
+
+class InceptionScorer(nn.Module):
+    """torchvision's Inception-v3 as a scoring network: ImageNet logits and the 2048-d pool.
+
+    Built without weights (load them with
+    :func:`cpgan.model.image_encoder.load_inception_weights` on ``self.net``). The Google
+    weights expect inputs in [-1, 1] (torchvision's ``transform_input`` only converts
+    ImageNet-normalised input to that range), so images go in unchanged after a bilinear resize
+    to 299 px. Frozen and always in eval mode: a scoring network must not change while scoring.
+    """
+
+    num_classes = 1000
+    feature_dim = 2048
+    image_size = INCEPTION_SIZE
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = inception_v3(weights=None, aux_logits=False, init_weights=False,
+                                transform_input=False)
+        self.net.requires_grad_(False)
+        self.net.eval()
+
+    def train(self, mode: bool = True) -> "InceptionScorer":
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    def features(self, images: Tensor) -> Tensor:
+        """``[B, 2048]`` pool3 features of images in [-1, 1]."""
+        x = resize_to(images, INCEPTION_SIZE)
+        for name in _INCEPTION_LAYERS:
+            x = getattr(self.net, name)(x)
+        return x.flatten(1)
+
+    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits [B, 1000], features [B, 2048])`` in one pass."""
+        features = self.features(images)
+        return self.net.fc(features), features
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.predict(images)[0]
