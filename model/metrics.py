@@ -19,10 +19,15 @@ functions then serve real images (encoder sanity check) and generated ones (eval
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from cpgan.model.darknet import Darknet
 
 CANDIDATES = 100
 FOLDS = 10
@@ -195,8 +200,8 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
                      sigma2: np.ndarray) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (FID on pooled features)."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
+    s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
         raise ValueError(f"mismatched statistics: mu {mu1.shape} and {mu2.shape}, "
@@ -242,7 +247,8 @@ def caption_categories(caption: str, words: dict[str, int]) -> set[int]:
     return {words[token] for token in tokenize(caption) if token in words}
 
 
-def soa_class_recall(detected: list[set[int]], expected: list[set[int]]) -> dict[int, tuple[int, int]]:
+def soa_class_recall(detected: list[set[int]],
+                     expected: list[set[int]]) -> dict[int, tuple[int, int]]:
     """Per class c named by some caption: (images of I_c where c was detected, |I_c|)."""
     if len(detected) != len(expected):
         raise ValueError(f"{len(detected)} detection sets for {len(expected)} captions")
@@ -267,7 +273,7 @@ def soa_scores(detected: list[set[int]], expected: list[set[int]]) -> tuple[floa
 
 
 @torch.no_grad()
-def detected_categories(detector: torch.nn.Module, images: Tensor, category_ids: list[int],
+def detected_categories(detector: Darknet, images: Tensor, category_ids: list[int],
                         objectness: float = SOA_OBJECTNESS) -> list[set[int]]:
     """Category ids the detector finds in each image of ``images`` ``[B, 3, H, W]`` in [-1, 1].
 

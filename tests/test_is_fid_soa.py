@@ -154,7 +154,8 @@ CIRCLE, SQUARE, TRIANGLE = 1, 2, 3
 
 def test_caption_categories_use_names_synonyms_and_plurals() -> None:
     words = _toy_words()
-    assert caption_categories("Two red BALLS left of a blue box, on the grass.", words) == {CIRCLE, SQUARE}
+    caption = "Two red BALLS left of a blue box, on the grass."
+    assert caption_categories(caption, words) == {CIRCLE, SQUARE}
     assert caption_categories("a triangle above the disc", words) == {TRIANGLE, CIRCLE}
     assert caption_categories("three shapes on the sand", words) == set()
 

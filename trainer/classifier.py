@@ -11,12 +11,21 @@ are decoded through :class:`~cpgan.pipeline.coco.CocoSplit`; one that fails to d
 no instance, is skipped and counted.
 
 The recipe: images resized to ``image_size`` with area interpolation and held in memory as
-uint8 (4,000 x 64 x 64 x 3 = 49 MB), random horizontal flips (every toy shape is mirror-
-symmetric about the vertical axis, so flips keep the label), AdamW with a one-cycle learning
-rate, the image cross-entropy plus the per-cell cross-entropy of the dense auxiliary head
-(see :class:`~cpgan.model.classifier.ToyClassifier`). Every random choice is a function of
-the seed. The result is ``models/classifier.pt``, a dict of tensors, lists and ints loadable
-with ``torch.load(..., weights_only=True)`` (see :func:`load_classifier`).
+uint8 (4,000 x 64 x 64 x 3 = 49 MB) beside a per-pixel class map (which object covers each
+pixel, from the instance polygons); random horizontal flips (every toy shape is mirror-
+symmetric about the vertical axis, so flips keep the label) and shifts of up to 4 px applied
+to image and map together; AdamW with a one-cycle learning rate; the image cross-entropy plus
+the per-cell cross-entropy of the dense auxiliary head, whose targets are the majority class
+of each 8 x 8 cell of the shifted map (see :class:`~cpgan.model.classifier.ToyClassifier`).
+Every random choice is a function of the seed. The result is ``models/classifier.pt``, a dict
+of tensors, lists and ints loadable with ``torch.load(..., weights_only=True)`` (see
+:func:`load_classifier`).
+
+Measured on the default toy dataset (4,000 train / 1,000 val images at 128 px, scored at
+64 px), 30 epochs, two CPU cores: val accuracy 0.86 (shape 0.89, colour 0.94) in 3.6 minutes.
+The remaining errors are mostly near-ties for "largest" (second object within ~20% of the
+area) and hexagons read as circles (a 10 px hexagon is nearly round at 64 px). Fewer epochs
+cost accuracy quickly: shapes are learnt late (accuracy 0.25 after 7 epochs, 0.55 after 10).
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -52,6 +61,10 @@ DENSE_WEIGHT = 1.0
 BACKGROUND_WEIGHT = 0.2
 """Weight of background cells in the dense loss: ~90% of cells are background."""
 DENSE_STRIDE = 8
+BACKGROUND = len(TOY_CATEGORIES) * len(TOY_COLOURS)
+"""Class index of "no object" in the dense targets, after the 64 (shape, colour) classes."""
+SHIFT_FRACTION = 1 / 16
+"""Random translations of up to this fraction of the side (4 px at 64 px)."""
 SCORING_KINDS = ("classifier", "inception")
 _SIZE_KEYS = ("num_shapes", "num_colours", "width", "image_size")
 
@@ -66,11 +79,13 @@ def toy_classes() -> list[tuple[str, str]]:
 
 
 def largest_instance(instances: Sequence[dict]) -> dict | None:
-    """The instance with the largest visible ``area`` (first by id on ties), None if none."""
-    best = None
+    """The instance with the largest visible ``area`` (first by id on ties; the box area when
+    an annotation has no ``area``), None if there is none."""
+    best, best_area = None, -1.0
     for ann in sorted(instances, key=lambda a: a["id"]):
-        if best is None or float(ann["area"]) > float(best["area"]):
-            best = ann
+        area = float(ann.get("area", ann["bbox"][2] * ann["bbox"][3]))
+        if area > best_area:
+            best, best_area = ann, area
     return best
 
 
@@ -108,19 +123,34 @@ def _instance_mask(ann: dict, height: int, width: int, where: Path) -> np.ndarra
                          f"({type(exc).__name__})") from None
 
 
-def cell_labels(instances: Sequence[dict], categories: dict[int, str], height: int, width: int,
-                grid: int, where: Path) -> np.ndarray:
-    """``[grid, grid]`` targets of the dense head: per cell, the class of the instance covering
-    most of it, or background (class 64) when uncovered pixels are the majority."""
-    coverage = [np.ones((grid, grid), np.float32)]
-    classes = [len(TOY_CATEGORIES) * len(TOY_COLOURS)]
+def class_map(instances: Sequence[dict], categories: dict[int, str], height: int, width: int,
+              size: int, where: Path) -> np.ndarray:
+    """``[size, size]`` uint8 map of the image resized to ``size``: per pixel, the class of the
+    instance covering most of it, or background (class 64) when uncovered area is the majority.
+    The dense head's targets are cut from it after augmentation (:func:`cell_targets`)."""
+    coverage = [np.ones((size, size), np.float32)]
+    classes = [BACKGROUND]
     for ann in instances:
         mask = _instance_mask(ann, height, width, where).astype(np.float32)
-        coverage.append(cv2.resize(mask, (grid, grid), interpolation=cv2.INTER_AREA))
+        coverage.append(cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA))
         classes.append(instance_class(ann, categories, where))
     stack = np.stack(coverage)
     stack[0] -= stack[1:].sum(axis=0)
-    return np.asarray(classes, np.int64)[stack.argmax(axis=0)]
+    return np.asarray(classes, np.uint8)[stack.argmax(axis=0)]
+
+
+def cell_targets(maps: Tensor, stride: int = DENSE_STRIDE) -> Tensor:
+    """``[B, S / stride, S / stride]`` dense-head targets: the majority class of each cell
+    (ties to the lower class), counted with one ``bincount`` over (image, class, cell)."""
+    batch, height, width = maps.shape
+    rows, cols = height // stride, width // stride
+    cell = (torch.arange(rows * stride, device=maps.device) // stride).unsqueeze(1) * cols + \
+        torch.arange(cols * stride, device=maps.device) // stride
+    cells = rows * cols
+    image = torch.arange(batch, device=maps.device).view(-1, 1, 1) * (BACKGROUND + 1) * cells
+    index = image + maps[:, :rows * stride, :cols * stride].long() * cells + cell
+    counts = torch.bincount(index.flatten(), minlength=batch * (BACKGROUND + 1) * cells)
+    return counts.view(batch, BACKGROUND + 1, rows, cols).argmax(dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,12 +159,13 @@ def cell_labels(instances: Sequence[dict], categories: dict[int, str], height: i
 
 @dataclass
 class LabelledImages:
-    """A split's usable images in memory: uint8 ``[N, 3, S, S]``, labels, dense targets."""
+    """A split's usable images in memory: uint8 ``[N, 3, S, S]``, labels ``[N]``, class maps
+    uint8 ``[N, S, S]``."""
 
     image_ids: list[int]
     images: Tensor
     labels: Tensor
-    cells: Tensor
+    maps: Tensor
     skipped_failed: int
     skipped_empty: int
 
@@ -159,8 +190,7 @@ def load_labelled(split: CocoSplit, image_size: int, limit: int | None = None,
                   progress: bool = True) -> LabelledImages:
     """Decode, label and resize the first ``limit`` images of ``split`` (all when None)."""
     categories = split.categories()
-    grid = -(-image_size // DENSE_STRIDE)
-    ids, images, labels, cells, failed, empty = [], [], [], [], 0, 0
+    ids, images, labels, maps, failed, empty = [], [], [], [], 0, 0
     wanted = split.image_ids()[:limit]
     for image_id, rgb, _reason in tqdm(iter_images(split, wanted), total=len(wanted),
                                        desc=f"load {split.split}", unit="img",
@@ -176,12 +206,12 @@ def load_labelled(split: CocoSplit, image_size: int, limit: int | None = None,
         ids.append(image_id)
         images.append(resize_image(rgb, image_size))
         labels.append(label)
-        cells.append(cell_labels(instances, categories, rgb.shape[0], rgb.shape[1], grid,
-                                 split.instances_file))
+        maps.append(class_map(instances, categories, rgb.shape[0], rgb.shape[1], image_size,
+                              split.instances_file))
     if not ids:
         raise CpganError(f"{split.instances_file}: no usable image with instances in {split.split}")
     return LabelledImages(ids, torch.stack(images), torch.tensor(labels, dtype=torch.long),
-                          torch.from_numpy(np.stack(cells)), failed, empty)
+                          torch.from_numpy(np.stack(maps)), failed, empty)
 
 
 def _batches(count: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
@@ -189,50 +219,72 @@ def _batches(count: int, batch_size: int, generator: torch.Generator) -> list[Te
     return list(torch.split(order, batch_size))
 
 
-def _augment(images: Tensor, cells: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Random horizontal flips of images and their cell targets together."""
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
-    images, cells = images.clone(), cells.clone()
-    images[flip] = images[flip].flip(-1)
-    cells[flip] = cells[flip].flip(-1)
-    return images, cells
+def augment(images: Tensor, maps: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Random horizontal flips and translations (up to ``SHIFT_FRACTION`` of the side, edges
+    replicated) of float images ``[B, 3, S, S]`` and their class maps ``[B, S, S]`` together.
+
+    Toy objects are drawn wholly inside the image, so a shift of a few pixels keeps the
+    largest object and its label; the class map moves with the pixels, and the dense targets
+    are cut from it afterwards.
+    """
+    batch, _, height, width = images.shape
+    flip = torch.rand(batch, generator=generator) < 0.5
+    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    maps = torch.where(flip.view(-1, 1, 1), maps.flip(-1), maps)
+    margin = int(round(min(height, width) * SHIFT_FRACTION))
+    if margin == 0:
+        return images, maps
+    pads = (margin, margin, margin, margin)
+    padded = F.pad(images, pads, mode="replicate")
+    padded_maps = F.pad(maps.unsqueeze(1).float(), pads, mode="replicate").squeeze(1)
+    offsets = torch.randint(0, 2 * margin + 1, (batch, 2), generator=generator).tolist()
+    images = torch.stack([padded[i, :, y:y + height, x:x + width]
+                          for i, (y, x) in enumerate(offsets)])
+    maps = torch.stack([padded_maps[i, y:y + height, x:x + width]
+                        for i, (y, x) in enumerate(offsets)])
+    return images, maps.to(torch.uint8)
 
 
 # --------------------------------------------------------------------------------------------
 # Training
 
 
-def classifier_loss(model: ToyClassifier, images: Tensor, labels: Tensor, cells: Tensor) -> Tensor:
-    """Image cross-entropy + ``DENSE_WEIGHT`` x per-cell cross-entropy (background down-weighted)."""
+def classifier_loss(model: ToyClassifier, images: Tensor, labels: Tensor, maps: Tensor) -> Tensor:
+    """Image cross-entropy + ``DENSE_WEIGHT`` x per-cell cross-entropy against the majority class
+    of each cell of ``maps`` (background cells down-weighted)."""
     logits, dense = model.segment(images)
-    weight = torch.ones(model.num_classes + 1, device=images.device)
-    weight[model.background_class] = BACKGROUND_WEIGHT
+    cells = cell_targets(maps, images.shape[-1] // dense.shape[-1])
     if dense.shape[-2:] != cells.shape[-2:]:
         raise ValueError(f"cell targets {tuple(cells.shape[-2:])} do not match the dense map "
                          f"{tuple(dense.shape[-2:])}")
-    return F.cross_entropy(logits, labels) + DENSE_WEIGHT * F.cross_entropy(dense, cells, weight=weight)
+    weight = torch.ones(model.num_classes + 1, device=images.device)
+    weight[model.background_class] = BACKGROUND_WEIGHT
+    dense_loss = F.cross_entropy(dense, cells, weight=weight)
+    return F.cross_entropy(logits, labels) + DENSE_WEIGHT * dense_loss
 
 
 @torch.no_grad()
-def accuracy(model: ToyClassifier, data: LabelledImages, batch_size: int, device: str) -> dict[str, float]:
+def accuracy(model: ToyClassifier, data: LabelledImages, batch_size: int,
+             device: str) -> dict[str, float]:
     """Class, shape and colour accuracy of ``model`` (eval mode) on ``data``."""
     model.eval()
     predicted = torch.cat([
         model(to_unit_range(data.images[i:i + batch_size]).to(device)).argmax(dim=1).cpu()
         for i in range(0, len(data), batch_size)])
-    colours = model.num_colours
-    return {"accuracy": float((predicted == data.labels).float().mean()),
-            "shape_accuracy": float((predicted // colours == data.labels // colours).float().mean()),
-            "colour_accuracy": float((predicted % colours == data.labels % colours).float().mean())}
+    colours, truth = model.num_colours, data.labels
+    return {"accuracy": float((predicted == truth).float().mean()),
+            "shape_accuracy": float((predicted // colours == truth // colours).float().mean()),
+            "colour_accuracy": float((predicted % colours == truth % colours).float().mean())}
 
 
 def train_steps(model: ToyClassifier, data: LabelledImages, epochs: int, batch_size: int,
                 lr: float, seed: int, device: str, progress: bool = True,
-                on_epoch: Any = None) -> list[float]:
+                on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
     """AdamW with a one-cycle schedule over ``epochs``; returns the mean loss of each epoch."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     steps_per_epoch = math.ceil(len(data) / batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * steps_per_epoch,
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr,
+                                                   total_steps=epochs * steps_per_epoch,
                                                    pct_start=WARMUP)
     generator = torch.Generator().manual_seed(seed)
     losses = []
@@ -241,9 +293,9 @@ def train_steps(model: ToyClassifier, data: LabelledImages, epochs: int, batch_s
         total = 0.0
         for index in tqdm(_batches(len(data), batch_size, generator), desc=f"classifier "
                           f"{epoch + 1}/{epochs}", unit="batch", disable=not progress, leave=False):
-            images, cells = _augment(data.images[index], data.cells[index], generator)
-            loss = classifier_loss(model, to_unit_range(images).to(device),
-                                   data.labels[index].to(device), cells.to(device))
+            images, maps = augment(to_unit_range(data.images[index]), data.maps[index], generator)
+            loss = classifier_loss(model, images.to(device), data.labels[index].to(device),
+                                   maps.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
