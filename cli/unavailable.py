@@ -1,6 +1,6 @@
 """Entry points whose stages have not landed yet.
 
-They exist so the four console scripts are installed from the start, and they say plainly
+They exist so the console scripts are installed from the start, and they say plainly
 that the stage is not available instead of pretending to run it.
 """
 from __future__ import annotations
@@ -10,8 +10,6 @@ import sys
 import click
 
 _PLANNED = {
-    "cpgan-train": "DAMSM pretraining of MATE + OAIE (Eq. 8-10, 14-25) and the 3-stage GAN "
-    "(Eq. 2-6, 11)",
     "cpgan-eval": "IS, FID, R-precision and SOA of generated, real and untrained-generator "
     "images, with an HTML report",
     "cpgan-sample": "images for captions from a trained generator",
@@ -32,6 +30,5 @@ def _command(name: str) -> click.Command:
     return command
 
 
-train = _command("cpgan-train")
 evaluate = _command("cpgan-eval")
 sample = _command("cpgan-sample")

@@ -104,8 +104,8 @@ def test_fatal_input_is_one_line_and_nonzero(tmp_path: Path, capsys):
     assert not (tmp_path / "a" / "vocab.json").exists()
 
 
-def test_unlanded_entry_points_say_so(capsys):
+def test_unlanded_entry_points_say_so(capsys, tmp_path: Path):
     with pytest.raises(SystemExit) as info:
-        train_main([])
+        train_main(["--stage", "gan", "--artifacts", str(tmp_path)])
     assert info.value.code == 2
     assert "not available" in capsys.readouterr().err

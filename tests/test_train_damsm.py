@@ -1,0 +1,244 @@
+"""DAMSM pretraining of MATE + OAIE, the encoder file and ``cpgan-train`` on a tiny toy set."""
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cpgan.cli.train import cli as train_cli
+from cpgan.cli.train import main as train_main
+from cpgan.config import load_config
+from cpgan.errors import CpganError
+from cpgan.model.darknet import Darknet, write_weights
+from cpgan.pipeline.coco import CocoSplit
+from cpgan.pipeline.text import build_vocabulary
+from cpgan.pipeline.toy import generate_toy_coco
+from cpgan.trainer import damsm
+from cpgan.trainer.data import TextImageDataset, collate
+
+CFG = Path(__file__).resolve().parent.parent / "configs" / "darknet" / "yolov3-toy.cfg"
+MEMORY_DIM = 8
+TINY = """
+[encoder]
+word_embed_dim = 8
+text_dim = 8
+image_size = 64
+backbone_width = 4
+batch_size = 8
+epochs = 1
+lr = 0.003
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("damsm")
+    coco = generate_toy_coco(root / "coco", train_images=16, val_images=8, image_size=64,
+                             seed=2, progress=False)
+    split = CocoSplit.open(coco, "train2014")
+    vocab = build_vocabulary(t for i in split.image_ids() for _, t in split.captions(i))
+    vocab.save(root / "vocab.json")
+    torch.manual_seed(0)
+    detector = Darknet.from_cfg_file(CFG).eval().requires_grad_(False)
+    write_weights(detector, root / "random.weights")
+    memory = torch.randn(len(vocab), MEMORY_DIM)
+    memory[:4] = 0  # specials get no memory, as the bank builder leaves them
+    (root / "tiny.toml").write_text(TINY)
+    config = load_config("toy", root / "tiny.toml")
+    return {"root": root, "coco": coco, "vocab": vocab, "detector": detector,
+            "memory": memory, "config": config}
+
+
+def write_memory_file(path: Path, vocab, memory: torch.Tensor, topk: int = 5) -> None:
+    """A memory.h5 in the DESIGN §3 layout (what 'cpgan-prep build-memory' writes)."""
+    relevant = np.where(memory.abs().sum(1).numpy() > 0, 7, 0).astype(np.int32)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("memory", data=memory.numpy().astype(np.float32))
+        f.create_dataset("words", data=np.asarray(vocab.tokens, dtype=object),
+                         dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset("support", data=np.minimum(relevant, topk).astype(np.int32))
+        f.create_dataset("relevant", data=relevant)
+        f.attrs["topk"] = topk
+        f.attrs["feature_dim"] = memory.shape[1]
+
+
+def _train(setup, out: Path, epochs: int, resume: bool = False, **kw):
+    setup["config"].encoder.epochs = epochs
+    return damsm.train_damsm(setup["coco"], out, setup["config"], setup["vocab"],
+                             kw.pop("memory", setup["memory"]), kw.pop("detector", setup["detector"]),
+                             resume=resume, progress=False, threads=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def straight(setup) -> damsm.DamsmRun:
+    return _train(setup, setup["root"] / "straight", epochs=2)
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_training_steps_lower_the_damsm_loss(setup):
+    config = setup["config"]
+    dataset = TextImageDataset(CocoSplit.open(setup["coco"], "train2014"), setup["vocab"],
+                               config.data.max_caption_words, [64], augment=False)
+    batch = collate([dataset[i] for i in range(8)])
+    regions = damsm.region_settings(setup["detector"], config.detector)
+    text = damsm.build_text_encoder(len(setup["vocab"]), config.encoder, setup["memory"])
+    image = damsm.build_image_encoder(config.encoder,
+                                      damsm.build_region_extractor(setup["detector"], regions))
+    optimizer = torch.optim.Adam([p for p in [*text.parameters(), *image.parameters()]
+                                  if p.requires_grad], lr=3e-3, betas=damsm.ADAM_BETAS)
+    state = damsm.TrainState(text, image, optimizer)
+
+    def loss() -> float:  # train mode (batch statistics), the same dropout draws each time
+        torch.manual_seed(0)
+        text.train(), image.train()
+        with torch.no_grad():
+            return damsm._loss(text, image, batch, config.encoder)[0].item()
+
+    before = loss()
+    detector_before = damsm.module_digest(setup["detector"])
+
+    class Bar:
+        def set_postfix(self, **_):
+            pass
+
+        def update(self, _):
+            pass
+
+    damsm._train_epoch(state, [batch] * 10, config.encoder, "cpu", Bar())
+    assert loss() < 0.8 * before
+    assert damsm.module_digest(setup["detector"]) == detector_before  # V_o's detector is frozen
+
+
+def test_two_epochs_straight_equal_one_plus_resume_plus_one(setup, straight):
+    resumed_dir = setup["root"] / "resumed"
+    first = _train(setup, resumed_dir, epochs=1)
+    assert first.epochs == 1 and len(first.history) == 1
+    second = _train(setup, resumed_dir, epochs=2, resume=True)
+    assert [h["epoch"] for h in second.history] == [1.0, 2.0]
+    assert second.history == straight.history
+    a, b = _load(straight.model), _load(second.model)
+    for part in ("text_encoder", "image_encoder"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    ckpt_a = _load(damsm.checkpoint_path(straight.model.parent))
+    ckpt_b = _load(damsm.checkpoint_path(second.model.parent))
+    assert ckpt_a["epoch"] == ckpt_b["epoch"] == 2
+    state_a, state_b = ckpt_a["optimizer"]["state"], ckpt_b["optimizer"]["state"]
+    assert all(torch.equal(state_a[k]["exp_avg"], state_b[k]["exp_avg"]) for k in state_a)
+
+
+def test_encoder_file_is_plain_and_records_what_it_needs(setup, straight):
+    data = _load(straight.model)
+    assert straight.model.name == "damsm.pt"
+    assert "memory" not in data["text_encoder"]                  # lives in memory.h5
+    assert not any(k.startswith("detector.") for k in data["image_encoder"])
+    assert any(k.startswith("backbone.") for k in data["image_encoder"])  # toy: trained
+    record = data["config"]
+    assert record["use_memory"] and record["use_objects"] and record["text_dim"] == 8
+    assert record["regions"]["roi_bins"] == 2 and record["memory_shape"] == [len(setup["vocab"]),
+                                                                             MEMORY_DIM]
+    metrics = data["metrics"]
+    assert 0 <= metrics["r_precision"] <= 1 and metrics["candidates"] == 8
+    assert metrics["val_images"] == 8
+
+
+def test_load_pretrained_encoders_round_trip_and_refusals(setup, straight, tmp_path):
+    memory_file = tmp_path / "memory.h5"
+    write_memory_file(memory_file, setup["vocab"], setup["memory"])
+    text, image = damsm.load_pretrained_encoders(straight.model, setup["vocab"], setup["config"],
+                                                 memory_file, setup["detector"])
+    assert not text.training and not image.training
+    assert not any(p.requires_grad for p in [*text.parameters(), *image.parameters()])
+    stored = _load(straight.model)["text_encoder"]
+    assert torch.equal(text.lstm.weight_hh_l0, stored["lstm.weight_hh_l0"])
+    assert torch.equal(text.memory, setup["memory"])
+
+    other = load_config("toy", setup["root"] / "tiny.toml")
+    other.encoder.text_dim = 16
+    with pytest.raises(CpganError) as info:
+        damsm.load_pretrained_encoders(straight.model, setup["vocab"], other, memory_file,
+                                       setup["detector"])
+    message = str(info.value)
+    assert "\n" not in message and str(straight.model) in message and "text_dim" in message
+
+    shifted = tmp_path / "other-memory.h5"
+    write_memory_file(shifted, setup["vocab"], setup["memory"] * 2)
+    with pytest.raises(CpganError, match="another memory bank"):
+        damsm.load_pretrained_encoders(straight.model, setup["vocab"], setup["config"], shifted,
+                                       setup["detector"])
+    torch.manual_seed(1)
+    retrained = Darknet.from_cfg_file(CFG)
+    with pytest.raises(CpganError, match="another detector"):
+        damsm.load_pretrained_encoders(straight.model, setup["vocab"], setup["config"],
+                                       memory_file, retrained)
+
+
+class _Payload:
+    """Unpickling this would create a marker file: weights_only must refuse it first."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickled_object_is_refused_never_run(setup, tmp_path):
+    marker = tmp_path / "executed"
+    evil = tmp_path / "damsm.pt"
+    torch.save({"format": 1, "config": _Payload(str(marker))}, evil)
+    with pytest.raises(CpganError) as info:
+        damsm.load_pretrained_encoders(evil, setup["vocab"])
+    assert not marker.exists()
+    assert str(evil) in str(info.value) and "\n" not in str(info.value)
+    tensors_only = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(2)}, tensors_only)
+    with pytest.raises(CpganError, match="not a DAMSM encoder file"):
+        damsm.load_pretrained_encoders(tensors_only, setup["vocab"])
+
+
+def test_cli_help_and_the_gan_stage_says_not_available(capsys):
+    result = CliRunner().invoke(train_cli, ["--help"])
+    assert result.exit_code == 0
+    for option in ("--stage", "--memory", "--no-memory", "--no-oaie", "--resume",
+                   "--inception-weights", "--detector-weights", "--limit"):
+        assert option in result.output
+    with pytest.raises(SystemExit) as info:
+        train_main(["--stage", "gan"])
+    assert info.value.code == 2
+    assert "GAN stage is not available" in capsys.readouterr().err
+
+
+def _exit_code(args: list[str]) -> int:
+    try:
+        train_main(args)
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0
+
+
+def test_cli_trains_the_ablation_beside_then_skips_and_reports(setup, tmp_path, capsys):
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    (artifacts / "vocab.json").write_bytes((setup["root"] / "vocab.json").read_bytes())
+    args = ["--artifacts", str(artifacts), "--coco-root", str(setup["coco"]), "--config",
+            str(setup["root"] / "tiny.toml"), "--no-memory", "--detector-weights",
+            str(setup["root"] / "random.weights")]
+    assert _exit_code(["--stage", "damsm", *args]) == 0
+    out = capsys.readouterr().out
+    assert "damsm [damsm-no-memory]" in out and "R-precision" in out
+    assert (artifacts / "models" / "damsm-no-memory.pt").is_file()
+    assert (artifacts / "models" / "damsm-no-memory.provenance.json").is_file()
+    assert not (artifacts / "models" / "damsm.pt").exists()
+    assert _exit_code(args) == 2  # stage all: damsm is up to date, then the GAN is missing
+    captured = capsys.readouterr()
+    assert "up to date" in captured.out and "R-precision" in captured.out
+    assert "GAN stage is not available" in captured.err
+    assert _exit_code(["--stage", "damsm", *args[:6], "--memory", str(tmp_path / "missing.h5")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing.h5" in err and err.count("\n") == 1

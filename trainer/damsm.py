@@ -1,0 +1,622 @@
+"""DAMSM pretraining of the text encoder (MATE, Eq. 8-9) and image encoder (OAIE, Eq. 10).
+
+Before the GAN trains, CPGAN pretrains its two encoders on real (image, caption) pairs of the
+train split with the DAMSM loss of supplementary §6.3 (Eq. 14-25) so that TISCL (Eq. 6) can
+later judge generated images; the recipe is AttnGAN's ``pretrain_DAMSM.py``:
+
+* each step: a batch of real images with one caption each (:mod:`cpgan.trainer.data`, AttnGAN's
+  augmentation), W and s from MATE, V and f from OAIE, L = L^w + L^s (Eq. 25), both directions;
+* Adam with betas (0.5, 0.999) on every trainable parameter (MATE, the projections M_o, M_e and
+  the global map, and the toy backbone; Inception and the detector stay frozen), the
+  gradient norm of the text encoder clipped to ``grad_clip`` (AttnGAN's RNN_GRAD_CLIP 0.25);
+* AttnGAN's learning-rate decay: x0.98 per epoch until a tenth of the initial rate.
+
+After every epoch: the validation DAMSM loss on fixed (image, caption) pairs of the val split
+and R-precision with the image's global feature f against sentence vectors s (DM-GAN's 1 true vs
+99 random captions, 10 folds, and the CPGAN release's in-batch variant), and a checkpoint
+(``models/<name>.ckpt.pt``: both encoders, optimiser, epoch, the torch RNG, the metrics
+history and the images that failed to decode), written atomically, so ``resume=True``
+continues exactly: every data draw is a function of (seed, epoch, index) and the RNG that
+drives dropout is restored.
+
+The result, ``models/<name>.pt``, is a dict loadable with ``torch.load(weights_only=True)``:
+``{"format", "text_encoder", "image_encoder", "config", "metrics"}``. The text encoder's state
+leaves out its frozen memory buffer and the image encoder's leaves out the frozen detector and
+Inception (they come from memory.h5 and their own weight files); ``config`` records the sizes,
+the switches and digests of those frozen parts, and :func:`load_pretrained_encoders` refuses a
+file whose parts do not match. ``<name>`` is ``damsm``, with ``-no-memory`` / ``-no-oaie``
+appended for the ablations (plain AttnGAN text encoder / no object features V_o), so an
+ablation never overwrites the main encoders.
+
+Region features. OAIE's V_o uses the detector with the preset's feature layer, region count,
+score threshold and NMS IoU. RoIAlign samples each box on ``ceil(map side / 2)`` bins of 2 x 2
+points (:func:`roi_bins`): 7 bins for YOLOv3's 13 x 13 map at 416 px, the project's default,
+and 2 for the toy detector's 4 x 4 map, where 7 bins would sample each cell a dozen times over
+for a 0.2 % different mean at eight times the cost.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from cpgan.config import Config, DetectorConfig, EncoderConfig
+from cpgan.errors import CpganError
+from cpgan.model.darknet import Darknet
+from cpgan.model.image_encoder import (
+    InceptionBackbone,
+    ObjectAwareImageEncoder,
+    ToyBackbone,
+    load_inception_weights,
+)
+from cpgan.model.losses import damsm_loss
+from cpgan.model.metrics import CANDIDATES, FOLDS, r_precision, r_precision_in_batch
+from cpgan.model.text_encoder import MemoryAttendedTextEncoder
+from cpgan.model.yolo import YoloRegionExtractor
+from cpgan.pipeline.artifacts import atomic_write
+from cpgan.pipeline.coco import CocoSplit
+from cpgan.pipeline.text import Vocabulary
+from cpgan.trainer.data import Batch, TextImageDataset, batches, make_loader
+
+TRAIN_SPLIT = "train2014"
+VAL_SPLIT = "val2014"
+MODEL_STEM = "damsm"
+FORMAT = 1
+ADAM_BETAS = (0.5, 0.999)       # AttnGAN's DAMSM optimiser
+LR_DECAY = 0.98                 # AttnGAN: lr *= 0.98 per epoch ...
+LR_FLOOR = 0.1                  # ... while lr > ENCODER_LR / 10
+ROI_SAMPLES_PER_BIN = 2         # region_features' sampling_ratio
+BACKBONES = ("toy", "inception")
+_SIZE_KEYS = ("vocab_size", "word_embed_dim", "text_dim", "image_size", "backbone",
+              "backbone_width", "use_memory", "use_objects")
+
+
+# --------------------------------------------------------------------------------------------
+# Names
+
+
+def model_name(use_memory: bool = True, use_objects: bool = True) -> str:
+    """``damsm``, ``damsm-no-memory``, ``damsm-no-oaie`` or ``damsm-no-memory-no-oaie``."""
+    return MODEL_STEM + ("" if use_memory else "-no-memory") + ("" if use_objects else "-no-oaie")
+
+
+def model_path(models_dir: Path, use_memory: bool = True, use_objects: bool = True) -> Path:
+    return Path(models_dir) / f"{model_name(use_memory, use_objects)}.pt"
+
+
+def checkpoint_path(models_dir: Path, use_memory: bool = True, use_objects: bool = True) -> Path:
+    return Path(models_dir) / f"{model_name(use_memory, use_objects)}.ckpt.pt"
+
+
+# --------------------------------------------------------------------------------------------
+# Building the encoders
+
+
+def tensor_digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
+    """SHA-256 over named tensors (names, dtypes, shapes, bytes): identifies a frozen part."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    return tensor_digest(sorted(module.state_dict().items()))
+
+
+def roi_bins(input_size: int, stride: int) -> int:
+    """RoIAlign bins per side so that the 2 x 2 samples of each bin cover the feature map about
+    once per cell: ``ceil((input / stride) / 2)``, 7 for YOLOv3 at 416 px."""
+    return max(1, math.ceil(input_size / stride / ROI_SAMPLES_PER_BIN))
+
+
+def build_region_extractor(darknet: Darknet, detector: DetectorConfig | dict[str, Any],
+                           ) -> YoloRegionExtractor:
+    """The frozen V_o extractor of §3.3 from a loaded detector and the preset's settings."""
+    settings = detector if isinstance(detector, dict) else region_settings(darknet, detector)
+    try:
+        extractor = YoloRegionExtractor(
+            darknet, settings["feature_layer"], settings["num_regions"],
+            settings["score_threshold"], settings["nms_iou"], output_size=settings["roi_bins"])
+    except ValueError as exc:
+        raise CpganError(f"{darknet.source}: {exc}") from None
+    return extractor.eval().requires_grad_(False)
+
+
+def region_settings(darknet: Darknet, detector: DetectorConfig) -> dict[str, Any]:
+    """What decides V_o besides the detector weights, as recorded in the encoder file."""
+    info = darknet.layer_info
+    if not 0 <= detector.feature_layer < len(info) or info[detector.feature_layer].kind == "yolo":
+        raise CpganError(f"{darknet.source}: layer {detector.feature_layer} is not a feature "
+                         f"layer (detector.feature_layer in the config)")
+    stride = info[detector.feature_layer].stride
+    return {"feature_layer": detector.feature_layer, "num_regions": detector.num_regions,
+            "score_threshold": detector.score_threshold, "nms_iou": detector.nms_iou,
+            "roi_bins": roi_bins(darknet.input_size, stride),
+            "feature_dim": info[detector.feature_layer].channels}
+
+
+def build_text_encoder(vocab_size: int, config: EncoderConfig,
+                       memory: Tensor | None) -> MemoryAttendedTextEncoder:
+    """MATE at the preset's sizes; ``memory=None`` is the plain AttnGAN encoder."""
+    try:
+        return MemoryAttendedTextEncoder(vocab_size, config.word_embed_dim, config.text_dim,
+                                         memory=memory)
+    except ValueError as exc:
+        raise CpganError(f"text encoder: {exc}") from None
+
+
+def build_image_encoder(config: EncoderConfig, extractor: YoloRegionExtractor | None,
+                        inception_weights: Path | None = None) -> ObjectAwareImageEncoder:
+    """OAIE with the preset's backbone; ``extractor=None`` drops V_o (``--no-oaie``)."""
+    if config.backbone == "toy":
+        try:
+            backbone = ToyBackbone(config.image_size, config.backbone_width)
+        except ValueError as exc:
+            raise CpganError(f"encoder.image_size / backbone_width: {exc}") from None
+    elif config.backbone == "inception":
+        if inception_weights is None:
+            raise CpganError("the Inception-v3 backbone needs its ImageNet weights: pass "
+                             "--inception-weights FILE (torchvision's inception_v3_google-"
+                             "0cc3c7bd.pth)")
+        backbone = InceptionBackbone()
+        load_inception_weights(backbone.net, inception_weights)
+    else:
+        raise CpganError(f"encoder.backbone is {config.backbone!r}; choose from "
+                         f"{', '.join(BACKBONES)}")
+    return ObjectAwareImageEncoder(backbone, config.text_dim, extractor,
+                                   use_objects=extractor is not None)
+
+
+def encoder_record(vocab_size: int, config: EncoderConfig, text: MemoryAttendedTextEncoder,
+                   image: ObjectAwareImageEncoder, regions: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``config`` entry of the encoder file: sizes, switches, digests of frozen parts."""
+    return {
+        "vocab_size": vocab_size, "word_embed_dim": config.word_embed_dim,
+        "text_dim": config.text_dim, "image_size": config.image_size,
+        "backbone": config.backbone, "backbone_width": config.backbone_width,
+        "use_memory": text.uses_memory, "use_objects": image.use_objects,
+        "memory_shape": list(text.memory.shape) if text.uses_memory else None,
+        "memory_sha256": tensor_digest([("memory", text.memory)]) if text.uses_memory else None,
+        "detector_sha256": module_digest(image.detector.darknet) if image.detector else None,
+        "regions": regions,
+        "backbone_sha256": module_digest(image.backbone) if image.backbone.frozen else None,
+        "gamma": [config.gamma1, config.gamma2, config.gamma3],
+    }
+
+
+def text_state(text: MemoryAttendedTextEncoder) -> dict[str, Tensor]:
+    """MATE's state without the frozen memory (it lives in memory.h5)."""
+    return {k: v.detach().to("cpu").clone() for k, v in text.state_dict().items() if k != "memory"}
+
+
+def load_text_state(text: MemoryAttendedTextEncoder, state: dict[str, Tensor]) -> None:
+    full = dict(state)
+    if text.uses_memory:
+        full["memory"] = text.memory
+    text.load_state_dict(full)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading pretrained encoders (the GAN's TISCL)
+
+
+def _read_encoder_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CpganError(f"{path}: DAMSM encoders not found (run 'cpgan-train --stage damsm')")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # an unpickling refusal or a corrupt zip: the same user error
+        raise CpganError(f"{path}: not a plain DAMSM encoder file ({type(exc).__name__})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CpganError(f"{path}: not a DAMSM encoder file (format {FORMAT} expected)")
+    record = data.get("config")
+    if not isinstance(record, dict) or any(k not in record for k in _SIZE_KEYS):
+        raise CpganError(f"{path}: its 'config' lacks the encoder sizes")
+    for part in ("text_encoder", "image_encoder"):
+        state = data.get(part)
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise CpganError(f"{path}: '{part}' is not a state dict of tensors")
+    return data
+
+
+def _check_against_config(path: Path, record: dict[str, Any], config: Config) -> None:
+    """A file trained with other sizes than ``config`` asks for is refused, naming the first."""
+    encoder = config.encoder
+    wanted = {"word_embed_dim": encoder.word_embed_dim, "text_dim": encoder.text_dim,
+              "image_size": encoder.image_size, "backbone": encoder.backbone}
+    if encoder.backbone == "toy":
+        wanted["backbone_width"] = encoder.backbone_width
+    for key, value in wanted.items():
+        if record[key] != value:
+            raise CpganError(f"{path}: encoders were trained with encoder.{key} = "
+                             f"{record[key]!r}, the config has {value!r} (retrain with "
+                             f"'cpgan-train --stage damsm' or use the matching preset)")
+    regions = record.get("regions")
+    if regions is not None:
+        for key in ("feature_layer", "num_regions"):
+            if regions.get(key) != getattr(config.detector, key):
+                raise CpganError(f"{path}: encoders were trained with detector.{key} = "
+                                 f"{regions.get(key)!r}, the config has "
+                                 f"{getattr(config.detector, key)!r}")
+
+
+def load_pretrained_encoders(
+    path: str | Path,
+    vocab: Vocabulary,
+    config: Config | None = None,
+    memory_path: str | Path | None = None,
+    detector: Darknet | None = None,
+    inception_weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[MemoryAttendedTextEncoder, ObjectAwareImageEncoder]:
+    """The pretrained (MATE, OAIE) of ``models/damsm*.pt``, frozen and in eval mode.
+
+    The file is read with ``weights_only=True`` (a pickled object is refused, never run) and
+    checked against everything it was trained with: the vocabulary size, ``config``'s sizes
+    when given, the memory bank (``memory_path``, required when the encoders use memory; its
+    words are checked against ``vocab`` and its values against the recorded digest), the
+    detector (required with objects, digest checked) and the Inception weights (paper
+    backbone). Any mismatch is a one-line :class:`CpganError` naming the file.
+    """
+    from cpgan.pipeline.memory import load_memory
+
+    path = Path(path)
+    data = _read_encoder_file(path)
+    record = data["config"]
+    if config is not None:
+        _check_against_config(path, record, config)
+    if record["vocab_size"] != len(vocab):
+        raise CpganError(f"{path}: encoders were trained for {record['vocab_size']} words, the "
+                         f"vocabulary has {len(vocab)}")
+    memory = None
+    if record["use_memory"]:
+        if memory_path is None:
+            raise CpganError(f"{path}: these encoders use the memory bank; pass its memory.h5")
+        memory = load_memory(memory_path, vocab).memory
+        if tensor_digest([("memory", memory)]) != record.get("memory_sha256"):
+            raise CpganError(f"{path}: encoders were trained with another memory bank than "
+                             f"{memory_path}")
+    extractor = None
+    if record["use_objects"]:
+        if detector is None:
+            raise CpganError(f"{path}: these encoders use object features; a detector is needed")
+        if module_digest(detector) != record.get("detector_sha256"):
+            raise CpganError(f"{path}: encoders were trained with another detector "
+                             f"({detector.source} has other weights)")
+        extractor = build_region_extractor(detector, record["regions"])
+    sizes = EncoderConfig(word_embed_dim=record["word_embed_dim"], text_dim=record["text_dim"],
+                          image_size=record["image_size"], backbone=record["backbone"],
+                          backbone_width=record["backbone_width"])
+    text = build_text_encoder(record["vocab_size"], sizes, memory)
+    image = build_image_encoder(sizes, extractor,
+                                Path(inception_weights) if inception_weights else None)
+    if image.backbone.frozen and module_digest(image.backbone) != record.get("backbone_sha256"):
+        raise CpganError(f"{path}: encoders were trained with other Inception-v3 weights "
+                         f"than {inception_weights}")
+    try:
+        load_text_state(text, data["text_encoder"])
+        image.load_learned_state_dict(data["image_encoder"])
+    except (RuntimeError, ValueError) as exc:
+        raise CpganError(f"{path}: weights do not fit the recorded sizes "
+                         f"({str(exc).strip().splitlines()[0]})") from None
+    return _frozen(text, device), _frozen(image, device)
+
+
+def _frozen(module: torch.nn.Module, device: str | torch.device) -> Any:
+    return module.to(device).eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------
+# Training state
+
+
+def _rng_state() -> dict[str, Any]:
+    """The RNGs that drive dropout (data draws depend on (seed, epoch, index) only)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs to continue exactly; saved after every epoch."""
+
+    text: MemoryAttendedTextEncoder
+    image: ObjectAwareImageEncoder
+    optimizer: torch.optim.Optimizer
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    failed_indices: set[int] = field(default_factory=set)
+
+    def to_checkpoint(self, settings: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "text_encoder": text_state(self.text),
+            "image_encoder": {k: v.detach().to("cpu").clone()
+                              for k, v in self.image.learned_state_dict().items()},
+            "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
+            "history": [dict(h) for h in self.history], "rng": _rng_state(),
+            "failed_ids": list(self.failed), "failed_reasons": list(self.failed.values()),
+            "failed_indices": sorted(self.failed_indices), "settings": settings,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        load_text_state(self.text, state["text_encoder"])
+        self.image.load_learned_state_dict(state["image_encoder"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = int(state["epoch"])
+        self.history = [dict(h) for h in state["history"]]
+        self.failed = dict(zip(state["failed_ids"], state["failed_reasons"]))
+        self.failed_indices = set(state["failed_indices"])
+        _set_rng_state(state["rng"])
+
+
+def _load_checkpoint(path: Path, settings: dict[str, Any], total_epochs: int) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt zip or refused content: the same user error
+        raise CpganError(f"{path}: unreadable DAMSM checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("settings") != settings:
+        raise CpganError(f"{path}: checkpoint was trained with other settings or data; "
+                         "remove it (or drop --resume) to restart")
+    if state["epoch"] > total_epochs:
+        raise CpganError(f"{path}: checkpoint is at epoch {state['epoch']}, beyond the "
+                         f"{total_epochs} epochs asked for")
+    return state
+
+
+def _save(path: Path, payload: dict[str, Any]) -> None:
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def epoch_lr(base_lr: float, epoch: int) -> float:
+    """AttnGAN's schedule: x0.98 per finished epoch, stopping once below a tenth."""
+    decays = math.ceil(math.log(LR_FLOOR) / math.log(LR_DECAY))
+    return base_lr * LR_DECAY ** min(epoch, decays)
+
+
+# --------------------------------------------------------------------------------------------
+# One epoch, and evaluation
+
+
+def _loss(text: MemoryAttendedTextEncoder, image: ObjectAwareImageEncoder, batch: Batch,
+          config: EncoderConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """L^w + L^s (Eq. 25) of a batch, with f and s for R-precision."""
+    words, sentence = text(batch.captions, batch.lengths)
+    encoded = image(batch.images[-1])
+    loss, _ = damsm_loss(words, batch.lengths, sentence, encoded.regions, encoded.global_feature,
+                         config.gamma1, config.gamma2, config.gamma3,
+                         region_mask=encoded.region_mask)
+    return loss, encoded.global_feature, sentence
+
+
+def _train_epoch(state: TrainState, loader: Iterable[Batch], config: EncoderConfig,
+                 device: str, bar: tqdm) -> float:
+    """One pass; returns the mean training loss over the epoch's batches."""
+    state.text.train()
+    state.image.train()
+    total, steps, running = 0.0, 0, None
+    for batch in batches(loader, state.failed, state.failed_indices):
+        loss, _, _ = _loss(state.text, state.image, batch.to(device), config)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(state.text.parameters(), config.grad_clip)
+        state.optimizer.step()
+        value = loss.detach().item()
+        total, steps = total + value, steps + 1
+        running = value if running is None else 0.9 * running + 0.1 * value
+        bar.set_postfix(loss=f"{running:.3f}", refresh=False)
+        bar.update(len(batch))
+    return total / max(steps, 1)
+
+
+@torch.no_grad()
+def evaluate(text: MemoryAttendedTextEncoder, image: ObjectAwareImageEncoder,
+             dataset: TextImageDataset, config: EncoderConfig, batch_size: int, seed: int,
+             device: str = "cpu", num_workers: int = 0) -> dict[str, float]:
+    """Val DAMSM loss (fixed pairs, fixed batches) and R-precision of f against s.
+
+    R-precision ranks each image's own caption among ``min(100, N)`` candidates (DM-GAN,
+    10 folds) and, for the CPGAN release's variant, among the captions of shuffled batches of
+    the same size; both need at least that many decoded images.
+    """
+    text.eval()
+    image.eval()
+    losses, images, sentences, failed = [], [], [], {}
+    loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
+    for batch in batches(loader, failed):
+        loss, global_feature, sentence = _loss(text, image, batch.to(device), config)
+        losses.append((float(loss), len(batch)))
+        images.append(global_feature.cpu())
+        sentences.append(sentence.cpu())
+    if not images:
+        raise CpganError(f"{dataset.split.folder}: no validation image could be decoded")
+    f, s = torch.cat(images), torch.cat(sentences)
+    candidates = min(CANDIDATES, f.shape[0])
+    if candidates < 2:
+        raise CpganError(f"{dataset.split.folder}: R-precision needs at least 2 validation images")
+    mean, std = r_precision(f, s, candidates=candidates, folds=min(FOLDS, f.shape[0]), seed=seed)
+    in_batch, in_batch_std = r_precision_in_batch(f, s, batch=candidates, seed=seed)
+    count = sum(n for _, n in losses)
+    return {"val_loss": sum(v * n for v, n in losses) / count, "r_precision": mean,
+            "r_precision_std": std, "r_precision_in_batch": in_batch,
+            "r_precision_in_batch_std": in_batch_std, "candidates": float(candidates),
+            "val_images": float(f.shape[0]), "val_failed": float(len(failed))}
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class DamsmRun:
+    """What :func:`train_damsm` returns: the outputs and the figures for the summary line."""
+
+    model: Path
+    epochs: int
+    train_images: int
+    skipped_images: int
+    seconds: float
+    threads: int
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+
+    def summary(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"model": str(self.model)}
+
+
+def train_damsm(
+    coco_root: Path,
+    models_dir: Path,
+    config: Config,
+    vocab: Vocabulary,
+    memory: Tensor | None = None,
+    detector: Darknet | None = None,
+    inception_weights: Path | None = None,
+    *,
+    device: str = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+    limit: int | None = None,
+    val_limit: int | None = None,
+    num_workers: int = 0,
+    threads: int | None = None,
+) -> DamsmRun:
+    """Pretrain MATE + OAIE on ``coco_root``'s train split; evaluate on val; save.
+
+    ``memory`` (the bank's ``[V, D]`` tensor) switches MATE's memory on, ``detector`` (a loaded,
+    frozen Darknet) switches on V_o; without them this is the ``--no-memory`` / ``--no-oaie``
+    ablation, written under its own name. Epochs, batch size and learning rate come from
+    ``config.encoder``. ``limit`` / ``val_limit`` keep the first N captioned images of each
+    split; ``threads`` pins the compute threads (default: the idle cores, see
+    :func:`cpgan.trainer.detector.choose_threads`).
+    """
+    from cpgan.trainer.detector import choose_threads
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(choose_threads(threads))
+    try:
+        return _train(Path(coco_root), Path(models_dir), config, vocab, memory, detector,
+                      inception_weights, device, resume, progress, limit, val_limit, num_workers)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _datasets(coco_root: Path, config: Config, vocab: Vocabulary, limit: int | None,
+              val_limit: int | None) -> tuple[TextImageDataset, TextImageDataset]:
+    size, words = config.encoder.image_size, config.data.max_caption_words
+    train = TextImageDataset(CocoSplit.open(coco_root, TRAIN_SPLIT), vocab, words, [size],
+                             augment=True, seed=config.seed, limit=limit)
+    val = TextImageDataset(CocoSplit.open(coco_root, VAL_SPLIT), vocab, words, [size],
+                           augment=False, seed=config.seed, limit=val_limit)
+    for dataset, split in ((train, TRAIN_SPLIT), (val, VAL_SPLIT)):
+        if len(dataset) < 2:
+            raise CpganError(f"{coco_root}: {split} has {len(dataset)} captioned images; "
+                             "DAMSM needs at least 2")
+    return train, val
+
+
+def _settings(record: dict[str, Any], config: Config, limit: int | None,
+              val_limit: int | None) -> dict[str, Any]:
+    """What must not change between a checkpoint and its resume (epochs may grow)."""
+    encoder = dataclasses.asdict(config.encoder)
+    encoder.pop("epochs")
+    return {"model": record, "encoder": encoder, "seed": config.seed, "limit": limit,
+            "val_limit": val_limit, "max_caption_words": config.data.max_caption_words}
+
+
+def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
+           memory: Tensor | None, detector: Darknet | None, inception_weights: Path | None,
+           device: str, resume: bool, progress: bool, limit: int | None,
+           val_limit: int | None, num_workers: int) -> DamsmRun:
+    start = time.perf_counter()
+    encoder = config.encoder
+    if encoder.epochs < 0 or encoder.batch_size < 1 or encoder.lr <= 0:
+        raise CpganError(f"DAMSM needs epochs >= 0, batch size >= 1 and lr > 0, got "
+                         f"{encoder.epochs}, {encoder.batch_size}, {encoder.lr}")
+    torch.manual_seed(config.seed)
+    train_set, val_set = _datasets(coco_root, config, vocab, limit, val_limit)
+    regions = region_settings(detector, config.detector) if detector is not None else None
+    extractor = build_region_extractor(detector, regions) if detector is not None else None
+    text = build_text_encoder(len(vocab), encoder, memory).to(device)
+    image = build_image_encoder(encoder, extractor, inception_weights).to(device)
+    record = encoder_record(len(vocab), encoder, text, image, regions)
+    parameters = [p for p in [*text.parameters(), *image.parameters()] if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=encoder.lr, betas=ADAM_BETAS)
+    state = TrainState(text, image, optimizer)
+    settings = _settings(record, config, limit, val_limit)
+    use_memory, use_objects = memory is not None, detector is not None
+    checkpoint = checkpoint_path(models_dir, use_memory, use_objects)
+    if resume and checkpoint.exists():
+        state.restore(_load_checkpoint(checkpoint, settings, encoder.epochs))
+
+    name = model_name(use_memory, use_objects)
+    for epoch in range(state.epoch, encoder.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(encoder.lr, epoch)
+        loader = make_loader(train_set, encoder.batch_size, epoch=epoch, shuffle=True,
+                             num_workers=num_workers, exclude=state.failed_indices)
+        with tqdm(total=len(loader.sampler), desc=f"{name} {epoch + 1}/{encoder.epochs}",
+                  unit="img", disable=not progress, leave=False) as bar:
+            train_loss = _train_epoch(state, loader, encoder, device, bar)
+        metrics = evaluate(text, image, val_set, encoder, encoder.batch_size, config.seed,
+                           device, num_workers)
+        state.history.append({"epoch": float(epoch + 1), "train_loss": train_loss, **metrics})
+        state.epoch = epoch + 1
+        _save(checkpoint, state.to_checkpoint(settings))
+        if progress:
+            tqdm.write(_epoch_line(name, epoch + 1, encoder.epochs, state.history[-1]))
+
+    metrics = state.history[-1] if state.history else evaluate(
+        text, image, val_set, encoder, encoder.batch_size, config.seed, device, num_workers)
+    target = model_path(models_dir, use_memory, use_objects)
+    _save(target, {"format": FORMAT, "text_encoder": text_state(text),
+                   "image_encoder": {k: v.detach().to("cpu").clone()
+                                     for k, v in image.learned_state_dict().items()},
+                   "config": record, "metrics": dict(metrics)})
+    return DamsmRun(target, encoder.epochs, len(train_set) - len(state.failed),
+                    len(state.failed), time.perf_counter() - start, torch.get_num_threads(),
+                    dict(metrics), [dict(h) for h in state.history])
+
+
+def _epoch_line(name: str, epoch: int, epochs: int, row: dict[str, float]) -> str:
+    return (f"{name} epoch {epoch}/{epochs}: train loss {row['train_loss']:.3f}, val loss "
+            f"{row['val_loss']:.3f}, R-precision {row['r_precision']:.3f} "
+            f"± {row['r_precision_std']:.3f} (in-batch {row['r_precision_in_batch']:.3f})")
+
+
+def describe_metrics(metrics: dict[str, float]) -> str:
+    """'R-precision 0.934 ± 0.021 (in-batch 0.951), val loss 2.310' for summary lines."""
+    return (f"R-precision {metrics['r_precision']:.3f} ± {metrics['r_precision_std']:.3f} "
+            f"(in-batch {metrics['r_precision_in_batch']:.3f}, "
+            f"{int(metrics['candidates'])} candidates), val loss {metrics['val_loss']:.3f}")
+
+
+def pretrained_summary(path: Path) -> dict[str, float] | None:
+    """The metrics stored in an encoder file, or None when it cannot be read."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - an unreadable file simply has no summary
+        return None
+    metrics = data.get("metrics") if isinstance(data, dict) else None
+    return metrics if isinstance(metrics, dict) else None
+
