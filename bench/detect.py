@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -85,6 +86,7 @@ def run_detect(coco: Path, weights: Path, out: Path, images: int, workers: int) 
                "--cfg", str(CFG), "--weights", str(weights), "--artifacts", str(out),
                "--limit", str(images), "--shard-size", str(max(1, images // (2 * workers))),
                "--batch-size", "4", "--workers", str(workers)]
+    shutil.rmtree(out, ignore_errors=True)  # a finished run would otherwise be skipped
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -105,7 +107,8 @@ def main() -> None:
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    coco, weights = work / "coco", work / "yolov3-random.weights"
+    # one dataset per size: a smaller one would silently cap --limit and inflate images/s
+    coco, weights = work / f"coco-{args.images}", work / "yolov3-random.weights"
     if not coco.exists():
         from cpgan.pipeline.toy import generate_toy_coco
 

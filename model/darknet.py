@@ -586,6 +586,26 @@ class Darknet(nn.Module):
                 raise ValueError(f"layer {i} is not a feature layer of {self.source}")
 
 
+def for_cpu_inference(model: Darknet) -> Darknet:
+    """``model`` (in place) with every batch norm folded into its convolution and its
+    tensors in ``channels_last`` order, for inference only.
+
+    In eval mode ``BN(conv(x))`` is one affine convolution, so folding saves a full pass over
+    every feature map, and oneDNN's convolutions run faster on NHWC tensors: together ~1.3x
+    on YOLOv3 at 416 on one CPU thread (measured while writing this; see BENCHMARKS.md). The
+    outputs equal the unfolded network's up to float rounding. A folded network cannot be
+    trained or written to a ``.weights`` file, so call this on a loaded copy that only infers.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.eval()
+    for layer in model.layers:
+        if isinstance(layer, ConvLayer) and layer.bn is not None:
+            layer.conv = fuse_conv_bn_eval(layer.conv, layer.bn)
+            layer.bn = None
+    return model.to(memory_format=torch.channels_last)
+
+
 # --------------------------------------------------------------------------------------------
 # .weights I/O
 

@@ -106,12 +106,15 @@ _WORKER_CACHE: dict[tuple, Any] = {}
 
 def _extractor(settings: DetectSettings) -> Any:
     """The region extractor of this worker process, built once per detector."""
+    from cpgan.model.darknet import for_cpu_inference
     from cpgan.model.yolo import YoloRegionExtractor
 
     key = (settings.cfg, settings.weights, settings.device, settings.feature_layer,
            settings.num_regions, settings.score_threshold, settings.nms_iou)
     if key not in _WORKER_CACHE:
         darknet = load_detector(settings.cfg, settings.weights)
+        if settings.device == "cpu":
+            darknet = for_cpu_inference(darknet)
         extractor = YoloRegionExtractor(darknet, settings.feature_layer, settings.num_regions,
                                         settings.score_threshold, settings.nms_iou)
         _WORKER_CACHE.clear()
@@ -154,7 +157,8 @@ def _batches(split: CocoSplit, image_ids: Sequence[int], size: int, input_size: 
 def _detect_rows(extractor: Any, batch: torch.Tensor, metas: list, device: str) -> dict[str, np.ndarray]:
     from cpgan.model.yolo import unletterbox_boxes
 
-    out = extractor(batch.to(device))
+    layout = torch.channels_last if device == "cpu" else torch.contiguous_format
+    out = extractor(batch.to(device, memory_format=layout))
     boxes = torch.stack([
         unletterbox_boxes(out.boxes[i].cpu(), meta) * (out.labels[i].cpu() >= 0).unsqueeze(-1)
         for i, meta in enumerate(metas)

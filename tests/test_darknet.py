@@ -426,3 +426,27 @@ def test_describe_weights(toy_weights: tuple[Darknet, Path], tmp_path: Path) -> 
     broken = describe_weights(TOY, truncated)
     assert broken["verdict"] == (f"MISMATCH: expected {full['expected_bytes']} bytes, "
                                  f"found {full['expected_bytes'] - 3} bytes (truncated)")
+
+
+def test_cpu_inference_folding_keeps_outputs() -> None:
+    """Folding BN into the convolutions (and NHWC order) changes only float rounding."""
+    import copy
+
+    from cpgan.model.darknet import for_cpu_inference
+
+    torch.manual_seed(0)
+    model = Darknet.from_cfg_file(TOY).eval()
+    for layer in model.conv_layers():
+        if layer.bn is not None:  # non-trivial statistics, or folding would be a no-op
+            layer.bn.running_mean.uniform_(-0.5, 0.5)
+            layer.bn.running_var.uniform_(0.5, 2.0)
+            layer.bn.weight.data.uniform_(0.5, 1.5)
+            layer.bn.bias.data.uniform_(-0.2, 0.2)
+    folded = for_cpu_inference(copy.deepcopy(model))
+    assert all(layer.bn is None for layer in folded.conv_layers())
+    x = torch.rand(2, 3, model.input_size, model.input_size)
+    with torch.no_grad():
+        heads, kept = model(x, keep_layers=(20,))
+        folded_heads, folded_kept = folded(x, keep_layers=(20,))
+    for a, b in zip([*heads, kept[20]], [*folded_heads, folded_kept[20]]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
