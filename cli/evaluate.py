@@ -1,4 +1,139 @@
-"""``cpgan-eval`` entry point (see cli/unavailable.py until its stage lands)."""
-from cpgan.cli.unavailable import evaluate as main
+"""``cpgan-eval``: score a trained CPGAN and write the HTML report; ``cpgan-eval
+fit-classifier`` fits the toy preset's scoring network first.
 
-__all__ = ["main"]
+Run without a subcommand, it evaluates one GAN run checkpoint (:mod:`cpgan.trainer.evaluate`)
+and writes ``<artifacts>/report/report.json``, ``index.html`` and its PNGs
+(:mod:`cpgan.pipeline.report`), then the ``eval`` stage's provenance record
+(``report/report.provenance.json``), which ``cpgan-prep status`` shows.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+
+from cpgan.cli.common import RunContext, common_options, report_errors
+from cpgan.cli.evaluate_tools import fit_classifier
+from cpgan.errors import CpganError
+from cpgan.pipeline import artifacts
+
+SPLITS = ("val2014",)
+DEFAULT_BATCH = 50
+
+
+@click.group(invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@common_options
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None,
+              help="GAN run checkpoint to evaluate. Default: the most recently modified "
+              "<artifacts>/runs/*/checkpoint.pt, or <artifacts>/runs/cpgan/checkpoint.pt when "
+              "there is none.")
+@click.option("--split", type=click.Choice(SPLITS), default="val2014", show_default=True,
+              help="Split whose (image, caption) pairs are generated and scored.")
+@click.option("--num-images", type=click.IntRange(min=4), default=None,
+              help="Evaluate the first N captioned images of the split (default: all).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH,
+              show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the noise, the untrained generator, the R-precision distractors and "
+              "the real set's FID halves (default: the run's config seed). The (image, caption) "
+              "pairs are always the run's validation pairs.")
+@click.option("--scoring-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Toy preset: the scoring classifier for IS and FID. Default: "
+              "<artifacts>/models/classifier.pt (make it with 'cpgan-eval fit-classifier').")
+@click.option("--inception-weights", type=click.Path(dir_okay=False, path_type=Path),
+              default=None,
+              help="Paper preset: torchvision's ImageNet Inception-v3 state dict "
+              "(inception_v3_google-0cc3c7bd.pth); scores IS as the CPGAN release did, gives "
+              "the FID features and the encoders' Inception backbone.")
+@click.option("--fid-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The pt_inception-2015-12-05 FID network: not supported yet (FID uses the "
+              "Inception-v3 pool features; the report's config says so).")
+@click.option("--detector-weights", type=click.Path(dir_okay=False, path_type=Path),
+              default=None,
+              help="Detector for SOA and the encoders' object features: models/detector.pt or "
+              "a Darknet .weights file for the preset's cfg. Default: "
+              "<artifacts>/models/detector.pt.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Image-decoding loader processes.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch compute threads (default: OMP_NUM_THREADS, else every core; on a "
+              "machine busy with other jobs, 1 is much faster than 2).")
+def cli(run: RunContext, checkpoint_path: Path | None, split: str, num_images: int | None,
+        batch_size: int, device: str, seed: int | None, scoring_weights: Path | None,
+        inception_weights: Path | None, fid_weights: Path | None,
+        detector_weights: Path | None, workers: int, threads: int | None) -> None:
+    """Evaluate a trained CPGAN: IS, FID, R-precision and SOA of generated, real and
+    untrained-generator images, side by side.
+
+    One image per val (image, caption) pair from the EMA generator (truncated noise); the
+    same captions and noise through a freshly initialised generator of the same config give
+    the floor, the real val images the ceiling. Writes <artifacts>/report/report.json and an
+    offline index.html with sample grids, word attention maps, memory crops and training
+    curves. The model sizes and caption length come from the checkpoint's config.
+    """
+    if click.get_current_context().invoked_subcommand is not None:
+        return
+    from cpgan.trainer.detector import choose_threads
+
+    torch.set_num_threads(choose_threads(threads))
+    _evaluate(run, checkpoint_path, split, num_images, batch_size, device, seed,
+              scoring_weights, inception_weights, fid_weights, detector_weights, workers)
+
+
+def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
+              num_images: int | None, batch_size: int, device: str, seed: int | None,
+              scoring_weights: Path | None, inception_weights: Path | None,
+              fid_weights: Path | None, detector_weights: Path | None, workers: int) -> None:
+    from cpgan.pipeline.coco import CocoSplit
+    from cpgan.pipeline.report import METRICS_LOG, REPORT_DIR, ReportInputs, write_report
+    from cpgan.trainer.evaluate import (
+        FID_NOT_SUPPORTED,
+        EvalFiles,
+        EvalOptions,
+        evaluate,
+        load_eval_models,
+        summary_line,
+    )
+    from cpgan.trainer.sampling import default_checkpoint, read_checkpoint
+
+    if fid_weights is not None:
+        raise CpganError(FID_NOT_SUPPORTED)
+    root = run.artifacts
+    checkpoint = read_checkpoint(checkpoint_path or default_checkpoint(root))
+    config = checkpoint.config
+    seed = config.seed if seed is None else seed
+    models_dir = root / "models"
+    files = EvalFiles(root, scoring_weights or models_dir / "classifier.pt", inception_weights,
+                      detector_weights or models_dir / "detector.pt",
+                      run.project_path(config.detector.cfg))
+    split = CocoSplit.open(run.coco_root, split_name, require_instances=True)
+    models = load_eval_models(checkpoint, files, split, seed, device)
+    options = EvalOptions(num_images, batch_size, seed, device, workers)
+    evaluation = evaluate(models, split, options)
+    folder = root / REPORT_DIR
+    inputs = ReportInputs(checkpoint.path.parent / METRICS_LOG,
+                          root if checkpoint.memory else None, run.coco_root,
+                          evaluation.memory_candidates)
+    written = write_report(folder, evaluation.report, evaluation.showcase, inputs)
+    report = evaluation.report
+    params = {"checkpoint": str(checkpoint.path), "split": split_name, "num_images": num_images,
+              "batch_size": batch_size, "seed": seed, "scoring": models.scoring.kind}
+    summary = {block: {k: v for k, v in report[block].items() if k != "soa_per_class"}
+               for block in ("generated", "real", "untrained")}
+    artifacts.write_record(root, "eval", config=config.to_dict(), params=params,
+                           inputs=files.inputs(checkpoint, split, models.scoring),
+                           outputs=written, summary=summary)
+    click.echo(f"cpgan-eval [{checkpoint.run_name} step {checkpoint.step}]: "
+               f"{report['config']['num_images']} pairs in {report['config']['seconds']:.0f} s; "
+               f"{summary_line(report)} -> {folder / 'index.html'}")
+
+
+cli.add_command(fit_classifier)
+main = report_errors(cli)
+
+if __name__ == "__main__":
+    main()

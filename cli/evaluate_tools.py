@@ -1,4 +1,4 @@
-"""Evaluation helper commands, to be attached under ``cpgan-eval``.
+"""Evaluation helper commands, attached under ``cpgan-eval`` (cli/evaluate.py).
 
 ``fit-classifier`` fits the toy preset's scoring network for IS and FID (DESIGN §4: on the
 toy dataset a classifier fitted on real toy images replaces Inception-v3) and writes

@@ -1,0 +1,222 @@
+"""``cpgan-eval`` end to end on a tiny toy run: report.json, index.html, provenance, refusals.
+
+The run is written by tests/test_sample.py's builders (contract checkpoint of untrained models,
+tiny sizes) plus what evaluation needs beyond sampling: a random yolov3-toy detector saved as
+``models/detector.pt`` (SOA and the encoders' V_o), a random toy scoring classifier, and a
+training log. (The Inception Score of uniform predictions is 1: tests/test_is_fid_soa.py.)
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cpgan.cli.evaluate import cli as eval_cli
+from cpgan.cli.evaluate import main as eval_main
+from cpgan.model.classifier import ToyClassifier
+from cpgan.model.metrics import fid
+from cpgan.pipeline import artifacts
+from cpgan.pipeline.coco import CocoSplit
+from cpgan.pipeline.toy import TOY_CATEGORIES, TOY_COLOURS
+from cpgan.trainer import evaluate, sampling
+from cpgan.trainer.classifier import load_classifier, save_classifier, score_images
+from cpgan.trainer.data import TextImageDataset
+from test_sample import Setup, make_setup
+
+VAL_IMAGES = 12
+METRIC_KEYS = {"inception_score", "fid", "r_precision", "r_precision_in_batch", "soa_c", "soa_i"}
+
+
+def _val_pairs(setup: Setup) -> TextImageDataset:
+    """The evaluation's (image, caption) pairs, as trainer/data.py's eval dataset gives them."""
+    return TextImageDataset(CocoSplit.open(setup.coco, "val2014"), setup.vocab,
+                            setup.config.data.max_caption_words, [8, 16, 32], augment=False,
+                            seed=setup.config.seed)
+
+
+def _write_classifier(setup: Setup) -> Path:
+    """A random toy classifier whose batch-norm statistics are those of real toy images, so
+    its features vary with the image (with the initial statistics every image scores alike)."""
+    torch.manual_seed(13)
+    model = ToyClassifier(len(TOY_CATEGORIES), len(TOY_COLOURS), width=4, image_size=32)
+    pairs = _val_pairs(setup)
+    images = torch.stack([pairs[i].images[-1] for i in range(len(pairs))])
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None                      # cumulative average over the batches
+    with torch.no_grad():
+        model.train()(torch.cat([images, images.flip(-1)]))
+    path = setup.artifacts / "models" / "classifier.pt"
+    save_classifier(path, model.eval())
+    return path
+
+
+def _train_generator(setup: Setup, steps: int = 30) -> None:
+    """Fit the checkpoint's EMA generator to the val pairs' images for a few steps (L1 at
+    every stage), so "generated" is a generator that learnt something and "untrained" is not."""
+    from cpgan.trainer.data import collate
+
+    data = torch.load(setup.checkpoint, weights_only=True)
+    checkpoint = sampling.read_checkpoint(setup.checkpoint)
+    generator = sampling.build_generator(checkpoint.config)
+    generator.load_state_dict(checkpoint.generator_ema)
+    text = sampling.load_text_encoder(setup.artifacts / checkpoint.encoders, setup.vocab,
+                                      checkpoint.config, setup.artifacts / "memory.h5")
+    pairs = _val_pairs(setup)
+    batch = collate([pairs[i] for i in range(len(pairs))])
+    encoded = sampling.encode_captions(text, batch.captions, batch.lengths)
+    optimizer = torch.optim.Adam(generator.parameters(), lr=5e-3, betas=(0.5, 0.999))
+    torch.manual_seed(0)
+    generator.train()
+    for _ in range(steps):
+        z = torch.randn(len(pairs), checkpoint.config.gan.z_dim)
+        out = generator(z, encoded.sentence, encoded.words, encoded.mask)
+        loss = sum((fake - real).abs().mean() for fake, real in zip(out.images, batch.images))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    data["generator_ema"] = {k: v.detach().clone() for k, v in generator.state_dict().items()}
+    torch.save(data, setup.checkpoint)
+
+
+def _write_log(setup: Setup) -> None:
+    lines = [json.dumps({"step": s, "epoch": s // 10, "loss_d": 2.0 / s, "loss_g": 1.0 + s,
+                         "loss_tiscl": 0.5, "loss_kl": 0.01}) for s in (10, 20, 30, 40)]
+    (setup.checkpoint.parent / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"step\": 5")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Setup:
+    setup = make_setup(tmp_path_factory.mktemp("eval"), objects=True, val_images=VAL_IMAGES)
+    _write_classifier(setup)
+    _train_generator(setup)
+    _write_log(setup)
+    return setup
+
+
+def _args(setup: Setup, *extra: str) -> list[str]:
+    return ["--artifacts", str(setup.artifacts), "--coco-root", str(setup.coco),
+            "--batch-size", "5", *extra]
+
+
+@pytest.fixture(scope="module")
+def evaluated(run: Setup) -> dict:
+    result = CliRunner().invoke(eval_cli, _args(run))
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "cpgan-eval [cpgan step 40]" in result.output
+    return json.loads((run.artifacts / "report" / "report.json").read_text())
+
+
+def test_report_has_every_metric_for_all_three_blocks(evaluated: dict):
+    assert set(evaluated) == {"generated", "real", "untrained", "config"}
+    for block in ("generated", "real", "untrained"):
+        entry = evaluated[block]
+        assert METRIC_KEYS <= set(entry), block
+        assert entry["images"] == VAL_IMAGES
+        for key in ("inception_score", "r_precision", "r_precision_in_batch"):
+            assert set(entry[key]) == {"mean", "std"}
+            assert entry[key]["std"] >= 0
+        assert 1.0 <= entry["inception_score"]["mean"] <= 64.0
+        assert 0.0 <= entry["r_precision"]["mean"] <= 1.0
+        assert entry["fid"] >= 0.0
+        assert 0.0 <= entry["soa_c"] <= 1.0 and 0.0 <= entry["soa_i"] <= 1.0
+    config = evaluated["config"]
+    assert config["num_images"] == VAL_IMAGES and config["checkpoint"]["step"] == 40
+    assert config["r_precision"]["candidates"] == VAL_IMAGES      # fewer than 100: recorded
+    assert config["r_precision"]["full_protocol"] is False
+    assert config["scoring_network"]["kind"] == "classifier"
+    assert "toy classifier" in config["fid_network"]
+
+
+def test_untrained_and_trained_generators_give_different_images(run: Setup, evaluated: dict):
+    folder = run.artifacts / "report"
+    generated, untrained = (folder / f"samples-{b}.png" for b in ("generated", "untrained"))
+    assert generated.read_bytes() != untrained.read_bytes()
+    # the briefly fitted generator is closer to the real images than a fresh one
+    assert evaluated["generated"]["fid"] < evaluated["untrained"]["fid"]
+
+
+def _real_pool(run: Setup) -> torch.Tensor:
+    """The real val images' classifier features, recomputed outside the evaluation."""
+    split = CocoSplit.open(run.coco, "val2014")
+    dataset = TextImageDataset(split, run.vocab, run.config.data.max_caption_words, [32],
+                               augment=False, seed=run.config.seed)
+    images = torch.stack([dataset[i].images[-1] for i in range(len(dataset))])
+    network = load_classifier(run.artifacts / "models" / "classifier.pt", 32)
+    return score_images(network, images)[1]
+
+
+def test_real_fid_is_one_disjoint_half_against_the_other(run: Setup, evaluated: dict):
+    half_a, half_b = evaluate.real_halves(VAL_IMAGES, evaluated["config"]["seed"])
+    assert set(half_a).isdisjoint(half_b) and set(half_a) | set(half_b) == set(range(VAL_IMAGES))
+    assert evaluated["real"]["fid_halves"] == [len(half_a), len(half_b)] == [6, 6]
+    pool = _real_pool(run)
+    expected = fid(pool[torch.from_numpy(half_a)], pool[torch.from_numpy(half_b)])
+    assert evaluated["real"]["fid"] == pytest.approx(expected, rel=1e-4)
+    assert expected > 1e-6                      # not the set against itself (which gives 0)
+
+
+def test_index_html_references_existing_pictures_by_relative_path(run: Setup, evaluated: dict):
+    folder = run.artifacts / "report"
+    page = (folder / "index.html").read_text()
+    sources = re.findall(r"<img src=\"([^\"]+)\"", page)
+    assert len(sources) >= 4
+    for source in sources:
+        assert not source.startswith(("/", "http:", "https:", "file:")) and ".." not in source
+        assert (folder / source).is_file(), source
+    assert {"samples-generated.png", "samples-real.png", "curves.png", "memory.png",
+            "attention-0.png"} <= set(sources)
+    assert "http" not in page.replace("http-equiv", "")     # nothing fetched from outside
+    assert "SOA-C" in page and "untrained" in page
+
+
+def test_eval_stage_provenance_is_done(run: Setup, evaluated: dict):
+    assert artifacts.stage_state(run.artifacts, "eval") == ("done", "")
+    record = artifacts.read_record(run.artifacts, "eval")
+    assert "report/report.json" in record["outputs"] and "report/index.html" in record["outputs"]
+    assert "runs/cpgan/checkpoint.pt" in record["inputs"]
+    assert record["summary"]["generated"]["fid"] == evaluated["generated"]["fid"]
+
+
+def test_global_features_equal_the_encoders_f(run: Setup):
+    from cpgan.trainer.damsm import load_pretrained_encoders
+
+    checkpoint = sampling.read_checkpoint(run.checkpoint)
+    _, image = load_pretrained_encoders(run.artifacts / checkpoint.encoders, run.vocab,
+                                        checkpoint.config, run.artifacts / "memory.h5",
+                                        run.detector)
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    assert torch.allclose(evaluate.global_features(image, images),
+                          image(images).global_feature, atol=1e-6)
+
+
+def _error(run: Setup, capsys, *extra: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        eval_main(_args(run, *extra))
+    assert info.value.code != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    return err
+
+
+def test_refusals_are_one_line(run: Setup, tmp_path: Path, capsys):
+    assert "fit-classifier" in _error(run, capsys, "--scoring-weights",
+                                      str(tmp_path / "none.pt"))
+    assert "not supported yet" in _error(run, capsys, "--fid-weights", str(tmp_path / "f.pth"))
+    bad = tmp_path / "checkpoint.pt"
+    torch.save({"format": 1, "kind": "cpgan-gan", "config": {}}, bad)
+    assert "missing" in _error(run, capsys, "--checkpoint", str(bad))
+
+
+def test_help_names_the_default_checkpoint_and_the_subcommand():
+    runner = CliRunner()
+    result = runner.invoke(eval_cli, ["--help"])
+    assert result.exit_code == 0
+    assert "runs/*/checkpoint.pt" in result.output and "runs/cpgan/checkpoint.pt" in result.output
+    assert "fit-classifier" in result.output
+    sub = runner.invoke(eval_cli, ["fit-classifier", "--help"])
+    assert sub.exit_code == 0 and "--epochs" in sub.output
