@@ -87,6 +87,7 @@ class EncoderConfig:
     backbone: str = "inception"   # "inception" (frozen, ImageNet weights) or "toy" (trained)
     backbone_width: int = 32      # channels of the toy backbone's first stage
     grad_clip: float = 0.25       # AttnGAN's RNN_GRAD_CLIP on the text encoder
+    text_dropout: float = 0.5     # on the LSTM inputs f_i, as AttnGAN's RNN_ENCODER
 
 
 @dataclass

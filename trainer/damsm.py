@@ -151,7 +151,7 @@ def build_text_encoder(vocab_size: int, config: EncoderConfig,
     """MATE at the preset's sizes; ``memory=None`` is the plain AttnGAN encoder."""
     try:
         return MemoryAttendedTextEncoder(vocab_size, config.word_embed_dim, config.text_dim,
-                                         memory=memory)
+                                         memory=memory, dropout=config.text_dropout)
     except ValueError as exc:
         raise CpganError(f"text encoder: {exc}") from None
 
