@@ -9,6 +9,7 @@ and writes ``<artifacts>/report/report.json``, ``index.html`` and its PNGs
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 import torch
@@ -111,7 +112,19 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
                       detector_weights or models_dir / "detector.pt",
                       run.project_path(config.detector.cfg))
     split = CocoSplit.open(run.coco_root, split_name, require_instances=True)
+    params = {"checkpoint": str(checkpoint.path), "split": split_name, "num_images": num_images,
+              "batch_size": batch_size, "seed": seed,
+              "scoring": "classifier" if config.preset == "toy" else "inception"}
+    scoring_file = files.classifier_weights if config.preset == "toy" else inception_weights
+    record_inputs = (files.inputs(checkpoint, split, SimpleNamespace(weights=Path(scoring_file)))
+                     if scoring_file is not None else None)  # else loading the models will say why
+    if record_inputs is not None and artifacts.is_current(root, "eval", params=params,
+                                                          inputs=record_inputs):
+        click.echo(f"cpgan-eval: up to date ({root / REPORT_DIR / 'index.html'}; rerun after "
+                   "removing report/report.provenance.json to recompute)")
+        return
     models = load_eval_models(checkpoint, files, split, seed, device)
+    record_inputs = record_inputs or files.inputs(checkpoint, split, models.scoring)
     options = EvalOptions(num_images, batch_size, seed, device, workers)
     evaluation = evaluate(models, split, options)
     folder = root / REPORT_DIR
@@ -120,12 +133,10 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
                           evaluation.memory_candidates)
     written = write_report(folder, evaluation.report, evaluation.showcase, inputs)
     report = evaluation.report
-    params = {"checkpoint": str(checkpoint.path), "split": split_name, "num_images": num_images,
-              "batch_size": batch_size, "seed": seed, "scoring": models.scoring.kind}
     summary = {block: {k: v for k, v in report[block].items() if k != "soa_per_class"}
                for block in ("generated", "real", "untrained")}
     artifacts.write_record(root, "eval", config=config.to_dict(), params=params,
-                           inputs=files.inputs(checkpoint, split, models.scoring),
+                           inputs=record_inputs,
                            outputs=written, summary=summary)
     click.echo(f"cpgan-eval [{checkpoint.run_name} step {checkpoint.step}]: "
                f"{report['config']['num_images']} pairs in {report['config']['seconds']:.0f} s; "

@@ -44,14 +44,20 @@ def fit_classifier(run: RunContext, epochs: int, batch_size: int, image_size: in
     """
     size = generator_image_size(run) if image_size is None else image_size
     root = run.coco_root
-    summary = trainer.fit_classifier(root, run.artifacts, image_size=size, epochs=epochs,
-                                     batch_size=batch_size, seed=run.config.seed, device=device)
     models = run.artifacts / "models"
+    params = {"epochs": epochs, "batch_size": batch_size, "image_size": size, "lr": trainer.LR,
+              "seed": run.config.seed}
     inputs = [Path(root) / "annotations" / f"instances_{split}.json"
               for split in (trainer.TRAIN_SPLIT, trainer.VAL_SPLIT)]
+    done = _finished_record(models, params, inputs)
+    if done is not None:
+        click.echo(f"fit-classifier: up to date (val accuracy "
+                   f"{done['summary']['val_accuracy']:.3f}) -> {models / trainer.MODEL_NAME}")
+        return
+    summary = trainer.fit_classifier(root, run.artifacts, image_size=size, epochs=epochs,
+                                     batch_size=batch_size, seed=run.config.seed, device=device)
     record = {
-        "params": {"epochs": epochs, "batch_size": batch_size, "image_size": size,
-                   "lr": trainer.LR, "width": summary["width"], "seed": run.config.seed},
+        "params": params | {"width": summary["width"]},
         "coco_root": str(root),
         "inputs": {str(p): artifacts.fingerprint(p) for p in inputs},
         "outputs": {trainer.MODEL_NAME: artifacts.fingerprint(models / trainer.MODEL_NAME)},
@@ -64,3 +70,20 @@ def fit_classifier(run: RunContext, epochs: int, batch_size: int, image_size: in
                f"{summary['val_shape_accuracy']:.3f}, colour {summary['val_colour_accuracy']:.3f}) "
                f"on {summary['val_images']} images after {epochs} epochs in "
                f"{summary['seconds']:.0f} s -> {models / trainer.MODEL_NAME}")
+
+
+def _finished_record(models: Path, params: dict, inputs: list[Path]) -> dict | None:
+    """The classifier's record when it was fitted with ``params`` on these exact inputs and
+    its model file is the one it wrote; else None (fit again)."""
+    try:
+        record = json.loads((models / RECORD_NAME).read_text(encoding="utf-8"))
+        known_params = {k: v for k, v in record["params"].items() if k != "width"}
+        if known_params != params or set(record["inputs"]) != {str(p) for p in inputs}:
+            return None
+        for path, known in [*((Path(p), record["inputs"][str(p)]) for p in inputs),
+                            *((models / name, fp) for name, fp in record["outputs"].items())]:
+            if artifacts.fingerprint(path, known)["sha256"] != known.get("sha256"):
+                return None
+        return record
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None

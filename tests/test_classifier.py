@@ -241,3 +241,14 @@ def test_fit_classifier_command_writes_the_record(toy_root: Path, tmp_path: Path
     assert record["config"]["preset"] == "toy" and record["summary"]["train_images"] == 24
     assert set(record["outputs"]) == {"classifier.pt"}
     assert tc.load_classifier(artifacts / "models" / "classifier.pt", 32).image_size == 32
+    # a rerun with the same settings skips; a changed model file or setting fits again
+    model = artifacts / "models" / "classifier.pt"
+    before = model.stat().st_mtime_ns
+    args = ["--artifacts", str(artifacts), "--coco-root", str(toy_root), "--epochs", "1",
+            "--batch-size", "8", "--image-size", "32"]
+    again = CliRunner().invoke(fit_classifier_command, args)
+    assert again.exit_code == 0 and "up to date" in again.output, again.output
+    assert model.stat().st_mtime_ns == before
+    model.write_bytes(model.read_bytes() + b"x")
+    refit = CliRunner().invoke(fit_classifier_command, args)
+    assert refit.exit_code == 0 and "up to date" not in refit.output, refit.output

@@ -182,6 +182,18 @@ def test_eval_stage_provenance_is_done(run: Setup, evaluated: dict):
     assert record["summary"]["generated"]["fid"] == evaluated["generated"]["fid"]
 
 
+def test_a_finished_report_is_not_recomputed(run: Setup, evaluated: dict):
+    """A rerun of make demo skips the evaluation when nothing it read has changed."""
+    report = run.artifacts / "report" / "report.json"
+    before = report.stat().st_mtime_ns
+    result = CliRunner().invoke(eval_cli, _args(run))
+    assert result.exit_code == 0 and "up to date" in result.output, result.output
+    assert report.stat().st_mtime_ns == before
+    other = CliRunner().invoke(eval_cli, _args(run, "--seed", "5"))  # other params: recompute
+    assert other.exit_code == 0 and "up to date" not in other.output, other.output
+    assert report.stat().st_mtime_ns != before
+
+
 def test_global_features_equal_the_encoders_f(run: Setup):
     from cpgan.trainer.damsm import load_pretrained_encoders
 
