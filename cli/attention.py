@@ -67,6 +67,7 @@ def train_attention(run: RunContext, epochs: int | None, batch_size: int | None,
              for s in SPLITS]  # instances: the categories give the class inputs' size
     inputs = [vocab_path, *(f for f in files if f.exists()), *_shards(run, TRAIN_SPLIT),
               *_shards(run, VAL_SPLIT)]
+    artifacts.sweep_temporaries(target.parent, "captioner.")  # left by a killed run
     if artifacts.is_current(run.artifacts, "train-attention", params=params, inputs=inputs):
         click.echo(f"train-attention: up to date ({target})")
         return

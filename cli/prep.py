@@ -120,6 +120,7 @@ def train_detector_command(run: RunContext, epochs: int | None, resume: bool, de
     inputs = [annotation_file(run.coco_root, "instances", s) for s in ("train2014", "val2014")]
     inputs.append(cfg)
     params = {"detector": asdict(det), "seed": run.config.seed, "limit": limit}
+    artifacts.sweep_temporaries(models, "detector.")  # what a killed run left half written
     if not resume and artifacts.is_current(run.artifacts, "train-detector", params=params,
                                            inputs=inputs):
         record = artifacts.read_record(run.artifacts, "train-detector") or {}

@@ -93,14 +93,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Remove temporary files and folders a killed run left in ``folder``; return what went."""
+def sweep_temporaries(folder: str | os.PathLike, prefix: str = "") -> list[Path]:
+    """Remove temporary files and folders a killed run left in ``folder``; return what went.
+
+    With ``prefix``, only the temporaries of targets whose names start with it: in a folder
+    other stages write to at the same time (``models/``), a stage sweeps its own only.
+    """
     folder = Path(folder)
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():
-        if entry.name.startswith(TMP_PREFIX):
+        if entry.name.startswith(TMP_PREFIX + prefix):
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -135,7 +139,7 @@ _RECORD_PATHS = {
     "attend": "attention/{split}.provenance.json",
     "build-memory": "memory.provenance.json",
     "damsm": "models/damsm.provenance.json",
-    "gan": "models/gan.provenance.json",
+    "gan": "runs/cpgan/gan.provenance.json",
     "eval": "report/report.provenance.json",
 }
 _HASH_CHUNK = 1 << 20

@@ -288,6 +288,8 @@ def attend(split: CocoSplit, vocab: Vocabulary, settings: AttendSettings, region
     ``limit`` keeps the first N images in shard order. The grounding report needs the split's
     instances file; without one it is not written.
     """
+    # the workers of a --scheduler cluster have another cwd: they get absolute paths
+    regions_dir, out_dir = Path(regions_dir).resolve(), Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     sweep_temporaries(out_dir)
     shards, counts = plan_split(regions_dir, split, vocab, settings.max_words, limit)
@@ -304,6 +306,8 @@ def attend(split: CocoSplit, vocab: Vocabulary, settings: AttendSettings, region
     run_tasks(run_part, tasks, workers=workers, scheduler=scheduler, total=total,
               initial=total - sum(len(t[3]) for t in tasks), description=f"attend {split.split}",
               unit="cap", progress=progress)
+    # a worker killed mid-write leaves its temporary; dask has since redone its task elsewhere
+    sweep_temporaries(out_dir, f"{split.split}-")
     summary = {"images": 0, "captions": 0, "rows": 0, "skipped_empty": 0}
     for part in parts:
         for key, value in (part_metadata(part) or {}).get("summary", {}).items():

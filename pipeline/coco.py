@@ -37,6 +37,8 @@ SPLITS = ("train2014", "val2014")
 MAX_PIXELS = 100_000_000
 """Largest image decoded (width x height); COCO's largest is 640 x 640. Guards memory."""
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_MAX_SIDE = 2**31 - 1
 _IMAGE_FIELDS = {"id": int, "file_name": str, "width": int, "height": int}
 _CAPTION_FIELDS = {"id": int, "image_id": int, "caption": str}
 _INSTANCE_FIELDS = {"id": int, "image_id": int, "category_id": int, "bbox": list}
@@ -100,9 +102,12 @@ def _entries(data: dict[str, Any], key: str, fields: dict[str, type], path: Path
 
 
 def _unique_ids(entries: list[dict], what: str, path: Path) -> set[int]:
-    """The set of ``id`` values; a repeated id is fatal because pycocotools would drop one entry."""
+    """The set of ``id`` values; a repeated id is fatal because pycocotools would drop one entry,
+    and so is one beyond int64, the type every artifact stores ids in."""
     seen: set[int] = set()
     for entry in entries:
+        if not _INT64_MIN <= entry["id"] <= _INT64_MAX:
+            raise CpganError(f"{path}: {what} id {entry['id']} does not fit in 64 bits")
         if entry["id"] in seen:
             raise CpganError(f"{path}: duplicate {what} id {entry['id']}")
         seen.add(entry["id"])
@@ -115,6 +120,9 @@ def _check_images(data: dict[str, Any], path: Path) -> set[int]:
     for image in images:
         if image["width"] <= 0 or image["height"] <= 0:
             raise CpganError(f"{path}: image id {image['id']} has a non-positive width or height")
+        if max(image["width"], image["height"]) > _MAX_SIDE:  # int32 in regions/index.parquet
+            raise CpganError(f"{path}: image id {image['id']} has a width or height above "
+                             f"{_MAX_SIDE}")
     return _unique_ids(images, "image", path)
 
 
@@ -278,6 +286,8 @@ class CocoSplit:
         relative = Path(name)
         if relative.name == "":
             raise ItemError(f"file name is empty: {name!r}")
+        if "\0" in name:  # no file system accepts it; resolve() would raise ValueError
+            raise ItemError(f"file name contains a NUL character: {name!r:.80}")
         if relative.is_absolute() or ".." in relative.parts:
             raise ItemError(f"file name escapes the image folder: {name!r}")
         path = self.folder / relative

@@ -282,6 +282,7 @@ def detect(split: CocoSplit, settings: DetectSettings, out_dir: Path, *, shard_s
            limit: int | None, workers: int, scheduler: str | None,
            progress: bool = True) -> tuple[dict[str, Any], list[Path]]:
     """Run the stage for one split; returns a summary and the split's shard paths."""
+    out_dir = Path(out_dir).resolve()  # workers of a --scheduler cluster have another cwd
     out_dir.mkdir(parents=True, exist_ok=True)
     sweep_temporaries(out_dir)
     image_ids = split.image_ids()[:limit] if limit else split.image_ids()
@@ -292,6 +293,8 @@ def detect(split: CocoSplit, settings: DetectSettings, out_dir: Path, *, shard_s
     run_tasks(run_shard, tasks, workers=workers, scheduler=scheduler, total=len(image_ids),
               initial=len(image_ids) - sum(len(shards[i]) for i in pending),
               description=f"detect {settings.split}", unit="img", progress=progress)
+    # a worker killed mid-write leaves its temporary; dask has since redone its task elsewhere
+    sweep_temporaries(out_dir, f"{settings.split}-")
     table, failed = build_index(split, settings, shards, out_dir)
     index_path = out_dir / store.INDEX_NAME
     store.write_index(index_path, merge_index(index_path, settings.split, table))

@@ -318,9 +318,10 @@ def select_top(client: Any, parts: Sequence[Path], vocab_size: int, topk: int,
     import dask.dataframe as dd
 
     meta = pd.DataFrame({f.name: np.empty(0, f.type.to_pandas_dtype()) for f in ATTENTION_SCHEMA})
-    frame = dd.from_map(read_attention_part, [str(p) for p in parts], meta=meta,
+    # absolute paths: the workers of a --scheduler cluster have another cwd
+    frame = dd.from_map(read_attention_part, [str(Path(p).resolve()) for p in parts], meta=meta,
                         label="attention-part", vocab_size=vocab_size,
-                        index_path=str(index_path), split=split)
+                        index_path=str(Path(index_path).resolve()), split=split)
     reduced = frame.reduction(part_state, aggregate=merge_states, combine=merge_states,
                               meta=_empty_state(), split_every=SPLIT_EVERY, topk=topk)
     state = client.compute(reduced).result()
@@ -511,7 +512,8 @@ def _is_finished(previous: dict[str, Any] | None, params: dict[str, Any],
 
 def _sweep(root: Path) -> None:
     """Remove temporaries a killed build left; only this stage's, the root is shared."""
-    for name in (MEMORY_NAME, INDEX_NAME, PURITY_NAME):
+    record = artifacts.record_path(root, "build-memory").name  # written by cli/memory.py
+    for name in (MEMORY_NAME, INDEX_NAME, PURITY_NAME, record):
         for leftover in Path(root).glob(f"{TMP_PREFIX}{name}.*"):
             leftover.unlink(missing_ok=True)
 
@@ -687,11 +689,14 @@ def build_memory(root: str | Path, *, split: str = "train2014", topk: int, worke
     result = MemoryResult(root / MEMORY_NAME, root / INDEX_NAME, split, topk, 0,
                           len(inputs.vocab), [], inputs.paths, params, reused=False)
     if not force and _is_finished(previous, params, inputs.prints, result.index_path):
-        with h5py.File(result.path, "r") as f:
-            result.feature_dim = int(f.attrs["feature_dim"])
-            result.zero_support = _zero_support(inputs.vocab.tokens, f["support"][:])
-        result.reused = True
-        return result
+        try:  # the recorded inputs match, but the file itself may be damaged since
+            _, support, _, _, dim = read_bank(result.path, inputs.vocab, VOCAB_NAME)
+        except CpganError:
+            pass  # not a valid memory bank any more: build it again
+        else:
+            result.feature_dim, result.reused = dim, True
+            result.zero_support = _zero_support(inputs.vocab.tokens, support)
+            return result
     top, memory, boxes = _compute(inputs, topk, workers, scheduler)
     support = _write_outputs(inputs, topk, params, top, memory, boxes)
     result.feature_dim = memory.shape[1]
@@ -778,10 +783,19 @@ def load_memory(path: str | Path, vocab: Vocabulary | str | Path) -> MemoryBank:
     damaged file is one CpganError line naming the file and what differs."""
     import torch
 
-    path = Path(path)
     vocab_name = "the given vocabulary"
     if not isinstance(vocab, Vocabulary):
         vocab_name, vocab = str(vocab), Vocabulary.load(vocab)
+    memory, support, relevant, topk, dim = read_bank(path, vocab, vocab_name)
+    return MemoryBank(torch.from_numpy(memory), torch.from_numpy(support),
+                      torch.from_numpy(relevant), topk, dim)
+
+
+def read_bank(path: str | Path, vocab: Vocabulary, vocab_name: str,
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """(memory, support, relevant, topk, D) of a validated ``memory.h5``, as numpy arrays:
+    :func:`load_memory` without torch, for build-memory's check of a bank it would reuse."""
+    path = Path(path)
     try:
         handle = h5py.File(path, "r")
     except FileNotFoundError:
@@ -797,8 +811,7 @@ def load_memory(path: str | Path, vocab: Vocabulary | str | Path) -> MemoryBank:
             raise CpganError(f"{path}: cannot read the memory bank ({exc})") from None
     _check_words(path, words, vocab, vocab_name)
     _check_values_of(path, memory, support, relevant, topk, words)
-    return MemoryBank(torch.from_numpy(memory), torch.from_numpy(support),
-                      torch.from_numpy(relevant), topk, dim)
+    return memory, support, relevant, topk, dim
 
 
 def read_memory_index(path: str | Path) -> pd.DataFrame:
