@@ -1,25 +1,34 @@
-"""``cpgan-train``: DAMSM pretraining of the encoders, then (in a later version) the GAN.
+"""``cpgan-train``: DAMSM pretraining of the encoders, then the GAN.
 
 Stages, in the order the paper trains them:
 
 * ``damsm`` -- pretrain the text encoder (MATE, with the memory bank) and the image encoder
   (OAIE, with the frozen detector) on real (image, caption) pairs with the DAMSM loss
   (:mod:`cpgan.trainer.damsm`); writes ``models/damsm.pt``, skipped when it is up to date;
-* ``gan`` -- the 3-stage GAN; not available in this version (exit status 2);
+* ``gan`` -- the 3-stage GAN with the frozen pretrained encoders (:mod:`cpgan.trainer.gan`);
+  writes ``runs/cpgan/`` (checkpoint.pt, metrics.jsonl, samples/, config.json), skipped when
+  it is finished and up to date;
 * ``all`` (default) -- ``damsm`` when its model is missing or stale, then ``gan``.
 
-Ablations write their own files so they never replace the main encoders: ``--no-memory``
+Ablations write their own files so they never replace the main ones: ``--no-memory``
 gives ``models/damsm-no-memory.pt`` (plain AttnGAN text encoder), ``--no-oaie``
-``models/damsm-no-oaie.pt`` (no object features V_o), both ``damsm-no-memory-no-oaie.pt``.
-The main run's provenance is the ``damsm`` stage record (``models/damsm.provenance.json``,
-shown by ``cpgan-prep status``); an ablation keeps the same kind of record beside its model
-(``models/damsm-no-memory.provenance.json``).
+``models/damsm-no-oaie.pt`` (no object features V_o), both ``damsm-no-memory-no-oaie.pt``;
+the GAN runs ``runs/cpgan-no-memory/`` etc., ``--no-fgcd`` adding ``-no-fgcd`` (all three:
+AttnGAN+). The main runs' provenance are the ``damsm`` and ``gan`` stage records
+(``models/damsm.provenance.json``, ``runs/cpgan/gan.provenance.json``, shown by
+``cpgan-prep status``); an ablation, or a run renamed with ``--name``, keeps the same kind of
+record beside its outputs (``models/damsm-no-memory.provenance.json``,
+``runs/cpgan-no-fgcd/gan.provenance.json``).
+
+``--epochs`` and ``--batch-size`` set the trained stage's values: ``encoder.*`` for
+``--stage damsm``, ``gan.*`` for ``gan`` and ``all`` (whose damsm part keeps the preset's).
+Under ``torchrun`` the GAN trains with DistributedDataParallel (``--batch-size`` per process);
+the encoders must then be trained already.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +39,17 @@ from cpgan.errors import CpganError
 from cpgan.pipeline import artifacts
 
 STAGES = ("damsm", "gan", "all")
-GAN_UNAVAILABLE = ("cpgan-train: the GAN stage is not available in this version (the "
-                   "generator and discriminators exist, their training loop has not landed; "
-                   "see README, 'What works today')")
+# The GAN's defaults, as cpgan.trainer.gan has them (not imported here: --help stays fast
+# without torch); tests/test_train_gan.py checks that the two agree.
+DEFAULT_CHECKPOINT_EVERY = 500
+DEFAULT_SAMPLE_EVERY = 500
+DEFAULT_LOG_EVERY = 10
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @common_options
 @click.option("--stage", type=click.Choice(STAGES), default="all", show_default=True,
-              help="damsm: pretrain the encoders; gan: train the GAN (not available yet); "
+              help="damsm: pretrain the encoders; gan: train the GAN; "
               "all: damsm when models/damsm.pt is missing or stale, then gan.")
 @click.option("--memory", "memory_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="The memory bank from 'cpgan-prep build-memory'. "
@@ -49,6 +60,10 @@ GAN_UNAVAILABLE = ("cpgan-train: the GAN stage is not available in this version 
 @click.option("--no-oaie", is_flag=True,
               help="Ablation: no object features V_o in the image encoder (AttnGAN's); "
               "writes models/damsm-no-oaie.pt.")
+@click.option("--no-fgcd", is_flag=True,
+              help="Ablation: AttnGAN's sentence-conditioned discriminator instead of the "
+              "Fine-grained Conditional Discriminator (GAN stage only). All three switches: "
+              "AttnGAN+.")
 @click.option("--detector-weights", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Detector for V_o: models/detector.pt from "
               "'cpgan-prep train-detector' or a Darknet .weights file for the preset's cfg. "
@@ -58,23 +73,39 @@ GAN_UNAVAILABLE = ("cpgan-train: the GAN stage is not available in this version 
               "(inception_v3_google-0cc3c7bd.pth); needed by the paper preset, whose image "
               "encoder uses a frozen Inception-v3.")
 @click.option("--epochs", type=click.IntRange(min=0), default=None,
-              help="Training epochs (default: the preset's encoder.epochs).")
+              help="Training epochs of the trained stage (default: the preset's encoder.epochs "
+              "for --stage damsm, gan.epochs otherwise).")
 @click.option("--batch-size", type=click.IntRange(min=2), default=None,
-              help="Images per step (default: the preset's encoder.batch_size).")
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
+              help="Images per step (per process under torchrun) of the trained stage "
+              "(default: the preset's encoder.batch_size / gan.batch_size).")
+@click.option("--device", default="cpu", show_default=True,
+              help="torch device, e.g. cuda (cuda:LOCAL_RANK under torchrun).")
 @click.option("--resume", is_flag=True,
-              help="Continue from the last finished epoch of models/damsm*.ckpt.pt "
+              help="Continue from the last checkpoint: the last finished epoch of "
+              "models/damsm*.ckpt.pt, the last saved step of runs/<name>/checkpoint.pt "
               "(a run killed mid-way continues exactly).")
 @click.option("--limit", type=click.IntRange(min=2), default=None,
               help="Train on the first N captioned train images only (quick trials).")
+@click.option("--name", default=None,
+              help="GAN run folder name under <artifacts>/runs/ (default: cpgan, or "
+              "cpgan-no-memory-... for ablations).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1),
+              default=DEFAULT_CHECKPOINT_EVERY, show_default=True,
+              help="GAN: write runs/<name>/checkpoint.pt every N steps (and at the end).")
+@click.option("--sample-every", type=click.IntRange(min=1), default=DEFAULT_SAMPLE_EVERY,
+              show_default=True,
+              help="GAN: write a captioned sample grid of the EMA generator every N steps.")
+@click.option("--log-every", type=click.IntRange(min=1), default=DEFAULT_LOG_EVERY,
+              show_default=True, help="GAN: append the losses to metrics.jsonl every N steps.")
 @click.option("--val-limit", type=click.IntRange(min=2), default=None,
               help="Validate on the first N captioned val images only.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Image-decoding loader processes (0: decode in the training process).")
 def cli(run: RunContext, stage: str, memory_path: Path | None, no_memory: bool, no_oaie: bool,
-        detector_weights: Path | None, inception_weights: Path | None, epochs: int | None,
-        batch_size: int | None, device: str, resume: bool, limit: int | None,
-        val_limit: int | None, workers: int) -> None:
+        no_fgcd: bool, detector_weights: Path | None, inception_weights: Path | None,
+        epochs: int | None, batch_size: int | None, device: str, resume: bool,
+        limit: int | None, name: str | None, checkpoint_every: int, sample_every: int,
+        log_every: int, val_limit: int | None, workers: int) -> None:
     """Train CPGAN on the artifacts of cpgan-prep (toy dataset by default).
 
     \b
@@ -82,28 +113,50 @@ def cli(run: RunContext, stage: str, memory_path: Path | None, no_memory: bool, 
     detect, train-attention, attend, build-memory; see 'cpgan-prep status'):
       cpgan-train --stage damsm              # pretrain the encoders -> models/damsm.pt
       cpgan-train --stage damsm --no-memory  # the ablation -> models/damsm-no-memory.pt
-      cpgan-train                            # damsm if needed, then the GAN (not yet)
+      cpgan-train                            # damsm if needed, then the GAN -> runs/cpgan/
+      torchrun --nproc_per_node 2 -m cpgan.cli.train --stage gan   # data-parallel GAN
 
     Each DAMSM epoch prints the validation loss and R-precision (image global feature vs
     sentence vector, 1 true caption against 99 random ones, 10 folds; and the in-batch
-    variant of the CPGAN release). A finished, up-to-date model is not retrained.
+    variant of the CPGAN release). The GAN shows its losses in the progress bar, logs them to
+    runs/<name>/metrics.jsonl and draws captioned samples of its EMA generator to
+    runs/<name>/samples/. A finished, up-to-date model or run is not retrained.
     """
+    section = run.config.encoder if stage == "damsm" else run.config.gan
     if epochs is not None:
-        run.config.encoder.epochs = epochs
+        section.epochs = epochs
     if batch_size is not None:
-        run.config.encoder.batch_size = batch_size
-    if stage == "gan":
-        click.echo(GAN_UNAVAILABLE, err=True)
-        sys.exit(2)
-    job = DamsmJob(run, memory_path, not no_memory, not no_oaie, detector_weights,
+        section.batch_size = batch_size
+    if stage in ("damsm", "all"):
+        _damsm_stage(run, memory_path, not no_memory, not no_oaie, detector_weights,
+                     inception_weights, device, resume, limit, val_limit, workers)
+    if stage in ("gan", "all"):
+        options = GanOptions(device, resume, limit, name, checkpoint_every, sample_every,
+                             log_every, workers)
+        job = GanJob(run, memory_path, (not no_memory, not no_oaie, not no_fgcd),
+                     detector_weights, inception_weights, options)
+        if job.is_current():
+            click.echo(f"gan [{job.name}]: up to date ({job.folder}); {job.describe()}")
+        else:
+            job.train()
+
+
+def _damsm_stage(run: RunContext, memory_path: Path | None, use_memory: bool,
+                 use_objects: bool, detector_weights: Path | None,
+                 inception_weights: Path | None, device: str, resume: bool, limit: int | None,
+                 val_limit: int | None, workers: int) -> None:
+    """Train the encoders unless they are up to date (never inside a torchrun job)."""
+    job = DamsmJob(run, memory_path, use_memory, use_objects, detector_weights,
                    inception_weights, limit, val_limit)
     if job.is_current():
         click.echo(f"damsm [{job.name}]: up to date ({job.model}); {job.describe()}")
-    else:
-        job.train(device, resume, workers)
-    if stage == "all":
-        click.echo(GAN_UNAVAILABLE, err=True)
-        sys.exit(2)
+        return
+    from cpgan.trainer.gan import distributed_from_env
+
+    if distributed_from_env().active:
+        raise CpganError(f"{job.model}: the DAMSM encoders are missing or stale; train them "
+                         "first with 'cpgan-train --stage damsm' (not under torchrun)")
+    job.train(device, resume, workers)
 
 
 class DamsmJob:
@@ -214,6 +267,157 @@ class DamsmJob:
                    f"val {describe_metrics(result.metrics)} -> {self.model}")
 
 
+@dataclasses.dataclass(frozen=True)
+class GanOptions:
+    """The GAN stage's command-line settings besides the config."""
+
+    device: str
+    resume: bool
+    limit: int | None
+    name: str | None
+    checkpoint_every: int
+    sample_every: int
+    log_every: int
+    workers: int
+
+
+class GanJob:
+    """The gan stage of one invocation: resolved inputs, provenance, training."""
+
+    def __init__(self, run: RunContext, memory_path: Path | None,
+                 switches: tuple[bool, bool, bool], detector_weights: Path | None,
+                 inception_weights: Path | None, options: GanOptions) -> None:
+        from cpgan.trainer.damsm import model_path
+        from cpgan.trainer.gan import Switches, check_run_name, run_dir
+
+        self.run, self.root, self.options = run, run.artifacts, options
+        self.switches = Switches(*switches)
+        use_memory, use_objects = self.switches.use_memory, self.switches.use_objects
+        self.name = check_run_name(options.name or self.switches.name)
+        self.folder = run_dir(self.root, self.name)
+        self.encoders = model_path(self.root / "models", use_memory, use_objects)
+        self.memory_path = (memory_path or self.root / "memory.h5") if use_memory else None
+        self.detector_weights = ((detector_weights or self.root / "models" / "detector.pt")
+                                 if use_objects else None)
+        self.detector_cfg = run.project_path(run.config.detector.cfg) if use_objects else None
+        self.inception_weights = inception_weights
+        self.vocab_path = self.root / "vocab.json"
+        self._check_inputs_exist()
+
+    def _check_inputs_exist(self) -> None:
+        """Fail before any work on a missing file (the encoders may come from 'all')."""
+        if not self.vocab_path.is_file():
+            raise CpganError(f"{self.vocab_path}: vocabulary not found (run 'cpgan-prep vocab')")
+        if self.memory_path is not None and not self.memory_path.is_file():
+            raise CpganError(f"{self.memory_path}: memory bank not found (run 'cpgan-prep "
+                             "build-memory', pass --memory, or train the --no-memory ablation)")
+        if self.detector_weights is not None and not self.detector_weights.is_file():
+            raise CpganError(f"{self.detector_weights}: detector weights not found (run "
+                             "'cpgan-prep train-detector' or pass --detector-weights)")
+
+    # -------------------------------------------------------------------------- provenance
+
+    def params(self) -> dict[str, Any]:
+        from cpgan.trainer.gan import distributed_from_env
+
+        config = self.run.config
+        return {"run": self.name, "switches": self.switches.as_dict(),
+                "gan": dataclasses.asdict(config.gan),
+                "encoder": dataclasses.asdict(config.encoder),
+                "max_caption_words": config.data.max_caption_words, "seed": config.seed,
+                "detector": ({k: getattr(config.detector, k) for k in
+                              ("feature_layer", "num_regions", "score_threshold", "nms_iou")}
+                             if self.switches.use_objects else None),
+                "limit": self.options.limit, "processes": distributed_from_env().world_size}
+
+    def inputs(self) -> list[Path]:
+        from cpgan.pipeline.coco import annotation_file
+
+        coco = self.run.coco_root
+        files = [annotation_file(coco, "captions", "train2014"),
+                 annotation_file(coco, "captions", "val2014"), self.vocab_path, self.encoders]
+        files += [p for p in (self.memory_path, self.detector_weights, self.detector_cfg,
+                              self.inception_weights) if p is not None]
+        return files
+
+    def outputs(self) -> list[Path]:
+        from cpgan.trainer.gan import checkpoint_file, metrics_file
+
+        return [checkpoint_file(self.folder), metrics_file(self.folder)]
+
+    @property
+    def main_variant(self) -> bool:
+        from cpgan.trainer.gan import RUN_STEM, Switches
+
+        return self.name == RUN_STEM and self.switches == Switches()
+
+    @property
+    def record(self) -> Path:
+        return self.folder / "gan.provenance.json"
+
+    def is_current(self) -> bool:
+        if not self.encoders.is_file():
+            return False
+        if self.main_variant:
+            return artifacts.is_current(self.root, "gan", params=self.params(),
+                                        inputs=self.inputs())
+        return _variant_is_current(self.root, self.record, self.params(), self.inputs())
+
+    def describe(self) -> str:
+        from cpgan.trainer.gan import metrics_file
+
+        try:
+            lines = metrics_file(self.folder).read_text(encoding="utf-8").splitlines()
+            return describe_losses(json.loads(lines[-1]))
+        except (OSError, IndexError, json.JSONDecodeError, KeyError, TypeError):
+            return "no logged losses"
+
+    # -------------------------------------------------------------------------- training
+
+    def train(self) -> None:
+        from cpgan.pipeline.detect import load_detector
+        from cpgan.pipeline.text import Vocabulary
+        from cpgan.trainer.gan import distributed_from_env, train_gan
+
+        if not self.encoders.is_file():
+            raise CpganError(f"{self.encoders}: DAMSM encoders not found (run 'cpgan-train "
+                             "--stage damsm' with the same --no-memory / --no-oaie switches)")
+        vocab = Vocabulary.load(self.vocab_path)
+        detector = (load_detector(self.detector_cfg, self.detector_weights)
+                    if self.switches.use_objects else None)
+        o = self.options
+        result = train_gan(self.run.coco_root, self.root, self.run.config, vocab,
+                           self.switches, memory_path=self.memory_path, detector=detector,
+                           inception_weights=self.inception_weights, name=self.name,
+                           device=o.device, resume=o.resume, limit=o.limit,
+                           checkpoint_every=o.checkpoint_every, sample_every=o.sample_every,
+                           log_every=o.log_every, num_workers=o.workers)
+        if not distributed_from_env().is_main:
+            return
+        summary = result.summary()
+        if self.main_variant:
+            artifacts.write_record(self.root, "gan", config=self.run.config.to_dict(),
+                                   params=self.params(), inputs=self.inputs(),
+                                   outputs=self.outputs(), summary=summary)
+        else:
+            _write_variant_record(self.root, self.record, self.run.config.to_dict(),
+                                  self.params(), self.inputs(), self.outputs(), summary,
+                                  stage="gan")
+        minutes, seconds = divmod(int(result.seconds + 0.5), 60)
+        losses = describe_losses(result.metrics) if result.metrics else "no step trained"
+        click.echo(f"gan [{self.name}]: {result.epochs} epochs ({result.steps} steps, "
+                   f"{result.steps_trained} now, x{result.processes} processes) on "
+                   f"{result.train_images} train images ({result.skipped_images} skipped) in "
+                   f"{minutes}m{seconds:02d}s, {result.images_per_second:.1f} img/s; "
+                   f"{losses} -> {self.folder}")
+
+
+def describe_losses(row: dict[str, Any]) -> str:
+    """'step 2500: loss_d 1.234, loss_g 5.678, TISCL 0.912, KL 0.010' for summary lines."""
+    return (f"step {row['step']}: loss_d {row['loss_d']:.3f}, loss_g {row['loss_g']:.3f}, "
+            f"TISCL {row['loss_tiscl']:.3f}, KL {row['loss_kl']:.3f}")
+
+
 # ------------------------------------------------------------------------------ ablation records
 #
 # The stage record of pipeline/artifacts.py has one fixed path per stage; an ablation model
@@ -222,14 +426,14 @@ class DamsmJob:
 
 
 def _variant_record(root: Path, config: dict[str, Any], params: dict[str, Any],
-                    inputs: list[Path], outputs: list[Path],
-                    summary: dict[str, Any]) -> dict[str, Any]:
+                    inputs: list[Path], outputs: list[Path], summary: dict[str, Any],
+                    stage: str = "damsm") -> dict[str, Any]:
     from cpgan import __version__
 
     def keyed(paths: list[Path]) -> dict[str, Any]:
         return {_key(root, p): artifacts.fingerprint(p) for p in sorted(paths)}
 
-    return {"stage": "damsm", "split": None, "version": __version__, "params": params,
+    return {"stage": stage, "split": None, "version": __version__, "params": params,
             "inputs": keyed(inputs), "outputs": keyed(outputs), "summary": summary,
             "config": config}
 
@@ -243,8 +447,8 @@ def _key(root: Path, path: Path) -> str:
 
 def _write_variant_record(root: Path, record: Path, config: dict[str, Any],
                           params: dict[str, Any], inputs: list[Path], outputs: list[Path],
-                          summary: dict[str, Any]) -> None:
-    content = _variant_record(root, config, params, inputs, outputs, summary)
+                          summary: dict[str, Any], stage: str = "damsm") -> None:
+    content = _variant_record(root, config, params, inputs, outputs, summary, stage)
     artifacts.atomic_write_text(record, json.dumps(content, indent=1, sort_keys=True) + "\n")
 
 

@@ -1,0 +1,336 @@
+"""GAN training (trainer/gan.py) and ``cpgan-train --stage gan`` on a tiny toy set.
+
+The DAMSM encoder files are freshly built encoders saved in the documented format (what
+``train_damsm`` writes), for every switch combination, so no test waits for pretraining.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cpgan.cli import train as train_cli_module
+from cpgan.cli.train import main as train_main
+from cpgan.config import load_config
+from cpgan.errors import CpganError
+from cpgan.model.discriminator import (
+    Discriminators,
+    FineGrainedConditionalDiscriminator,
+    SentenceConditionalDiscriminator,
+)
+from cpgan.model.darknet import Darknet, write_weights
+from cpgan.model.generator import Generator
+from cpgan.pipeline import artifacts
+from cpgan.pipeline.coco import CocoSplit
+from cpgan.pipeline.text import build_vocabulary
+from cpgan.pipeline.toy import generate_toy_coco
+from cpgan.trainer import damsm, gan
+from cpgan.trainer.data import TextImageDataset, collate, epoch_order
+
+CFG = Path(__file__).resolve().parent.parent / "configs" / "darknet" / "yolov3-toy.cfg"
+MEMORY_DIM = 8
+TINY = """
+[encoder]
+word_embed_dim = 8
+text_dim = 8
+image_size = 64
+backbone_width = 4
+
+[gan]
+base_size = 8
+stages = 2
+gf_dim = 4
+df_dim = 4
+r_num = 1
+z_dim = 4
+condition_dim = 4
+fgcd_patches = 2
+batch_size = 4
+epochs = 2
+lr = 0.001
+"""
+CONTRACT_KEYS = {"format", "kind", "config", "switches", "encoders", "memory", "vocab_size",
+                 "generator", "generator_ema", "discriminators", "optimizer_g", "optimizer_d",
+                 "step", "epoch", "finished", "rng"}
+OFF = gan.Switches(False, False, False)
+
+
+def write_memory_file(path: Path, vocab, memory: torch.Tensor, topk: int = 5) -> None:
+    """A memory.h5 in the DESIGN §3 layout (what 'cpgan-prep build-memory' writes)."""
+    relevant = np.where(memory.abs().sum(1).numpy() > 0, 7, 0).astype(np.int32)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("memory", data=memory.numpy().astype(np.float32))
+        f.create_dataset("words", data=np.asarray(vocab.tokens, dtype=object),
+                         dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset("support", data=np.minimum(relevant, topk).astype(np.int32))
+        f.create_dataset("relevant", data=relevant)
+        f.attrs["topk"] = topk
+        f.attrs["feature_dim"] = memory.shape[1]
+
+
+def write_encoder_file(models: Path, vocab, config, memory, detector, use_memory: bool,
+                       use_objects: bool) -> Path:
+    """Untrained MATE + OAIE saved exactly as train_damsm saves its result."""
+    regions = damsm.region_settings(detector, config.detector) if use_objects else None
+    extractor = damsm.build_region_extractor(detector, regions) if use_objects else None
+    text = damsm.build_text_encoder(len(vocab), config.encoder, memory if use_memory else None)
+    image = damsm.build_image_encoder(config.encoder, extractor)
+    path = damsm.model_path(models, use_memory, use_objects)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": damsm.FORMAT, "text_encoder": damsm.text_state(text),
+                "image_encoder": image.learned_state_dict(),
+                "config": damsm.encoder_record(len(vocab), config.encoder, text, image, regions),
+                "metrics": {}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("gan")
+    coco = generate_toy_coco(root / "coco", train_images=12, val_images=4, image_size=64,
+                             seed=3, progress=False)
+    split = CocoSplit.open(coco, "train2014")
+    vocab = build_vocabulary(t for i in split.image_ids() for _, t in split.captions(i))
+    vocab.save(root / "vocab.json")
+    torch.manual_seed(0)
+    detector = Darknet.from_cfg_file(CFG).eval().requires_grad_(False)
+    (root / "models").mkdir()
+    write_weights(detector, root / "models" / "detector.weights")
+    memory = torch.randn(len(vocab), MEMORY_DIM)
+    memory[:4] = 0
+    write_memory_file(root / "memory.h5", vocab, memory)
+    (root / "tiny.toml").write_text(TINY)
+    config = load_config("toy", root / "tiny.toml")
+    for use_memory in (True, False):
+        for use_objects in (True, False):
+            write_encoder_file(root / "models", vocab, config, memory, detector, use_memory,
+                               use_objects)
+    return {"root": root, "coco": coco, "vocab": vocab, "detector": detector,
+            "config": config}
+
+
+def _train(setup, switches=OFF, name=None, config=None, **kw) -> gan.GanRun:
+    kw.setdefault("checkpoint_every", 2)
+    kw.setdefault("sample_every", 100)
+    kw.setdefault("log_every", 1)
+    return gan.train_gan(setup["coco"], setup["root"], config or setup["config"],
+                         setup["vocab"], switches, memory_path=setup["root"] / "memory.h5",
+                         detector=setup["detector"], name=name, progress=False, threads=1,
+                         **kw)
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _losses(folder: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k == "step" or k.startswith("loss")} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def straight(setup) -> gan.GanRun:
+    """Two epochs (6 steps) without interruption, checkpoints every 2 steps."""
+    return _train(setup, name="straight")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_one_step_moves_g_and_d_and_d_alone_lowers_its_loss(setup):
+    config = setup["config"]
+    encoders = gan.load_encoders(setup["root"], setup["vocab"], config, gan.Switches(),
+                                 setup["root"] / "memory.h5", setup["detector"], None,
+                                 torch.device("cpu"))
+    state = gan.build_state(config, True, torch.device("cpu"))
+    dataset = TextImageDataset(CocoSplit.open(setup["coco"], "train2014"), setup["vocab"],
+                               config.data.max_caption_words, [8, 16], augment=False)
+    batch = collate([dataset[i] for i in range(4)])
+    g_before = [p.detach().clone() for p in state.generator.parameters()]
+    d_before = [p.detach().clone() for p in state.discriminators.parameters()]
+    values = gan.train_step(state, batch, encoders, config, seed=7)
+    assert state.step == 1 and {"loss_d", "loss_g", "loss_tiscl", "loss_kl"} <= values.keys()
+    assert all(not torch.equal(a, b) for a, b in zip(g_before, state.generator.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(d_before, state.discriminators.parameters()))
+    assert not any(p.requires_grad for p in encoders.text.parameters())  # MATE stays frozen
+
+    text = gan.encode_text(encoders.text, batch.captions, batch.lengths)
+    with torch.no_grad():
+        fake = state.generator(gan.sample_noise(4, config, 1, torch.device("cpu")),
+                               text.sentence, text.words, text.mask).images
+
+    def d_loss() -> float:
+        with torch.no_grad():
+            return state.d_model(batch.images, fake, text)[0].item()
+
+    before = d_loss()
+    for _ in range(8):
+        gan.discriminator_step(state, batch.images, fake, text)
+    assert d_loss() < 0.8 * before
+
+
+def test_resume_after_a_kill_gives_the_same_run(setup, straight, monkeypatch):
+    original = gan.train_step
+
+    def killed_after_step_5(state, *args, **kwargs):
+        if state.step == 5:  # step 5 is logged, the last checkpoint is step 4 (mid-epoch 2)
+            raise KeyboardInterrupt
+        return original(state, *args, **kwargs)
+
+    monkeypatch.setattr(gan, "train_step", killed_after_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        _train(setup, name="killed")
+    folder = setup["root"] / "runs" / "killed"
+    assert _load(folder / "checkpoint.pt")["step"] == 4
+    assert [r["step"] for r in _losses(folder)] == [1, 2, 3, 4, 5]
+    monkeypatch.setattr(gan, "train_step", original)
+    (folder / ".tmp-checkpoint.pt.x1").write_bytes(b"half a checkpoint")  # as a SIGKILL leaves
+
+    resumed = _train(setup, name="killed", resume=True)
+    assert resumed.steps_trained == 2 and resumed.steps == 6
+    assert _losses(folder) == _losses(straight.folder)  # step 5 dropped, then redone alike
+    a, b = _load(straight.checkpoint), _load(folder / "checkpoint.pt")
+    for part in ("generator", "generator_ema", "discriminators"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    for part in ("optimizer_g", "optimizer_d"):
+        for key, slot in a[part]["state"].items():
+            assert torch.equal(slot["exp_avg_sq"], b[part]["state"][key]["exp_avg_sq"])
+    assert not list(folder.rglob(".tmp-*"))
+
+
+def test_checkpoint_follows_the_contract(setup):
+    run = _train(setup, gan.Switches(), sample_every=3)  # the main variant: runs/cpgan
+    assert run.folder == setup["root"] / "runs" / "cpgan"
+    data = _load(run.checkpoint)
+    assert set(data) == CONTRACT_KEYS
+    assert data["format"] == 1 and data["kind"] == "cpgan-gan"
+    assert data["config"] == setup["config"].to_dict()
+    assert data["switches"] == {"use_memory": True, "use_objects": True, "use_fgcd": True}
+    assert data["encoders"] == "models/damsm.pt" and data["memory"] == "memory.h5"
+    assert data["vocab_size"] == len(setup["vocab"])
+    assert (data["step"], data["epoch"], data["finished"]) == (6, 2, True)
+    assert all(isinstance(v, (torch.Tensor, int, list)) for v in data["rng"].values())
+
+    cfg, g = data["config"], data["config"]["gan"]  # rebuilt exactly as the contract says
+    generator = Generator(text_dim=cfg["encoder"]["text_dim"], z_dim=g["z_dim"],
+                          condition_dim=g["condition_dim"], gf_dim=g["gf_dim"],
+                          base_size=g["base_size"], stages=g["stages"], r_num=g["r_num"])
+    generator.load_state_dict(data["generator_ema"])
+    assert not all(torch.equal(data["generator_ema"][k], data["generator"][k])
+                   for k in data["generator"])  # the average lags the trained weights
+    discriminators = Discriminators(g["stages"], g["df_dim"], g["base_size"],
+                                    cfg["encoder"]["text_dim"], g["fgcd_patches"], fgcd=True)
+    discriminators.load_state_dict(data["discriminators"])
+
+    rows = [json.loads(line) for line in (run.folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all({"step", "epoch", "loss_d", "loss_g", "loss_tiscl", "loss_kl"} <= r.keys()
+               for r in rows)
+    assert [r["epoch"] for r in rows] == [1, 1, 1, 2, 2, 2]
+    assert json.loads((run.folder / "config.json").read_text()) == setup["config"].to_dict()
+    samples = sorted(p.name for p in (run.folder / "samples").iterdir())
+    assert samples == ["step-0000003.png", "step-0000006.png"]
+    with Image.open(run.folder / "samples" / "step-0000006.png") as image:
+        assert image.format == "PNG" and image.width > image.height > 100
+    assert not list(run.folder.rglob(".tmp-*"))
+
+
+def test_a_checkpoint_of_another_config_is_refused_in_one_line(setup, straight):
+    other = load_config("toy", setup["root"] / "tiny.toml")
+    other.gan.lr = 0.002
+    with pytest.raises(CpganError) as info:
+        _train(setup, name="straight", config=other, resume=True)
+    message = str(info.value)
+    assert "\n" not in message and str(straight.checkpoint) in message and "gan.lr" in message
+    longer = load_config("toy", setup["root"] / "tiny.toml")
+    longer.gan.epochs = 3  # more epochs is a legitimate resume: one more epoch of 3 steps
+    shutil.copytree(straight.folder, setup["root"] / "runs" / "longer")
+    run = _train(setup, name="longer", config=longer, resume=True)
+    assert (run.steps, run.steps_trained) == (9, 3)
+
+    with pytest.raises(CpganError, match="switches"):
+        _train(setup, gan.Switches(False, False, True), name="straight", resume=True)
+
+
+def test_ablation_switches_pick_discriminator_encoders_and_folder(setup):
+    config = setup["config"]
+    assert all(isinstance(d.conditional, FineGrainedConditionalDiscriminator)
+               for d in gan.build_discriminators(config, True).stages)
+    assert all(isinstance(d.conditional, SentenceConditionalDiscriminator)
+               for d in gan.build_discriminators(config, False).stages)
+    assert gan.run_name(False, False, False) == "cpgan-no-memory-no-oaie-no-fgcd"
+    assert gan.run_name(True, False, True) == "cpgan-no-oaie"
+    assert gan.Switches(False, True, False).name == "cpgan-no-memory-no-fgcd"
+    for switches in (gan.Switches(False, True), gan.Switches(True, False)):
+        encoders = gan.load_encoders(setup["root"], setup["vocab"], config, switches,
+                                     setup["root"] / "memory.h5", setup["detector"], None,
+                                     torch.device("cpu"))
+        expected = damsm.model_name(switches.use_memory, switches.use_objects)
+        assert encoders.path == f"models/{expected}.pt"
+        assert encoders.text.uses_memory == switches.use_memory
+        assert encoders.image.use_objects == switches.use_objects
+        assert encoders.memory == ("memory.h5" if switches.use_memory else None)
+
+    root = setup["root"]  # a memory bank outside the root is still recorded relative to it
+    assert gan.relative_to_root(root, root.parent / "banks" / "m.h5") == "../banks/m.h5"
+
+    run = _train(setup, gan.Switches(True, False, False))
+    data = _load(run.checkpoint)
+    assert run.folder.name == "cpgan-no-oaie-no-fgcd"
+    assert data["encoders"] == "models/damsm-no-oaie.pt"
+    assert not any(".patch_features." in k for k in data["discriminators"])
+    assert any(".joint." in k for k in data["discriminators"])
+
+
+def test_rank_shares_cover_the_epoch_like_distributed_sampler():
+    order = epoch_order(10, 0, 3)
+    shares = [gan.rank_order(10, 0, 3, rank, 4) for rank in range(4)]
+    assert [len(s) for s in shares] == [3, 3, 3, 3]
+    padded = [i for group in zip(*shares) for i in group]
+    assert padded[:10] == order and padded[10:] == order[:2]
+    assert gan.steps_per_epoch(10, 2, 4) == 1 and gan.steps_per_epoch(10, 2, 1) == 5
+
+
+def test_cli_trains_the_gan_then_skips_it_and_records_provenance(setup, tmp_path, capsys):
+    artifacts_root = tmp_path / "artifacts"
+    (artifacts_root / "models").mkdir(parents=True)
+    for name in ("vocab.json", "memory.h5"):
+        (artifacts_root / name).write_bytes((setup["root"] / name).read_bytes())
+    for name in ("damsm.pt", "detector.weights"):
+        (artifacts_root / "models" / name).write_bytes(
+            (setup["root"] / "models" / name).read_bytes())
+    args = ["--stage", "gan", "--artifacts", str(artifacts_root), "--coco-root",
+            str(setup["coco"]), "--config", str(setup["root"] / "tiny.toml"),
+            "--detector-weights", str(artifacts_root / "models" / "detector.weights"),
+            "--epochs", "1", "--sample-every", "2", "--checkpoint-every", "2"]
+    assert _exit_code(args) == 0
+    out = capsys.readouterr().out
+    assert "gan [cpgan]: 1 epochs (3 steps" in out and "TISCL" in out
+    assert artifacts.stage_state(artifacts_root, "gan") == ("done", "")
+    assert (artifacts_root / "runs" / "cpgan" / "gan.provenance.json").is_file()
+    assert _exit_code(args) == 0
+    assert "gan [cpgan]: up to date" in capsys.readouterr().out
+    assert _load(artifacts_root / "runs" / "cpgan" / "checkpoint.pt")["step"] == 3
+
+    assert _exit_code([*args, "--no-memory"]) == 1  # its encoders were never trained
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "damsm-no-memory.pt" in err and err.count("\n") == 1
+
+
+def test_cli_defaults_are_the_trainer_defaults():
+    assert train_cli_module.DEFAULT_CHECKPOINT_EVERY == gan.DEFAULT_CHECKPOINT_EVERY
+    assert train_cli_module.DEFAULT_SAMPLE_EVERY == gan.DEFAULT_SAMPLE_EVERY
+    assert train_cli_module.DEFAULT_LOG_EVERY == gan.DEFAULT_LOG_EVERY
+
+
+def _exit_code(args: list[str]) -> int:
+    try:
+        train_main(args)
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0
