@@ -41,12 +41,14 @@ class RunContext:
         return toy
 
     def project_path(self, value: str | Path) -> Path:
-        """A path from the config: as given if it exists, else relative to the project root
-        (so ``configs/darknet/yolov3.cfg`` works from any working directory)."""
+        """A path from the config, absolute: as given if it exists, else relative to the
+        project root (so ``configs/darknet/yolov3.cfg`` works from any working directory).
+        Absolute because provenance records store it: the same file must give the same
+        record whatever folder the command ran from."""
         path = Path(value)
         if path.is_absolute() or path.exists():
-            return path
-        return PROJECT_ROOT / path
+            return path.resolve()
+        return (PROJECT_ROOT / path).resolve()
 
 
 def common_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -115,3 +115,17 @@ def test_every_entry_point_has_help():
                                  (sample_main, [], "--seed")):
         result = runner.invoke(main.__wrapped__, [*args, "--help"])  # the Click command
         assert result.exit_code == 0 and expected in result.output, (args, result.output)
+
+
+def test_config_paths_are_the_same_from_any_folder(tmp_path: Path, monkeypatch):
+    """Provenance stores the detector cfg path: running from the project root or from
+    elsewhere must give the same path, or every stage looks stale to the other."""
+    from cpgan.cli.common import PROJECT_ROOT, RunContext
+    from cpgan.config import load_config
+
+    run = RunContext(tmp_path, load_config("toy", None, {}), None)
+    monkeypatch.chdir(PROJECT_ROOT)
+    here = run.project_path("configs/darknet/yolov3-toy.cfg")
+    monkeypatch.chdir(tmp_path)
+    elsewhere = run.project_path("configs/darknet/yolov3-toy.cfg")
+    assert here == elsewhere and here.is_absolute() and here.is_file()
