@@ -39,6 +39,8 @@ word_embed_dim = 8
 text_dim = 8
 image_size = 64
 backbone_width = 4
+batch_size = 4
+epochs = 1
 
 [gan]
 base_size = 8
@@ -320,6 +322,25 @@ def test_cli_trains_the_gan_then_skips_it_and_records_provenance(setup, tmp_path
     assert _exit_code([*args, "--no-memory"]) == 1  # its encoders were never trained
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "damsm-no-memory.pt" in err and err.count("\n") == 1
+
+
+def test_cli_stage_all_pretrains_missing_encoders_then_trains_the_gan(setup, tmp_path, capsys):
+    artifacts_root = tmp_path / "artifacts"
+    artifacts_root.mkdir()
+    (artifacts_root / "vocab.json").write_bytes((setup["root"] / "vocab.json").read_bytes())
+    args = ["--artifacts", str(artifacts_root), "--coco-root", str(setup["coco"]), "--config",
+            str(setup["root"] / "tiny.toml"), "--no-memory", "--no-oaie", "--epochs", "1"]
+    assert _exit_code(args) == 0
+    out = capsys.readouterr().out
+    assert "damsm [damsm-no-memory-no-oaie]: 1 epochs" in out
+    assert "gan [cpgan-no-memory-no-oaie]: 1 epochs (3 steps" in out
+    record = artifacts_root / "runs" / "cpgan-no-memory-no-oaie" / "gan.provenance.json"
+    assert json.loads(record.read_text())["stage"] == "gan"
+    assert artifacts.stage_state(artifacts_root, "gan")[0] == "missing"  # the main run's only
+    assert _exit_code(args) == 0
+    out = capsys.readouterr().out
+    assert "damsm [damsm-no-memory-no-oaie]: up to date" in out
+    assert "gan [cpgan-no-memory-no-oaie]: up to date" in out
 
 
 def test_cli_defaults_are_the_trainer_defaults():
