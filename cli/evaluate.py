@@ -16,7 +16,6 @@ import torch
 
 from cpgan.cli.common import RunContext, common_options, report_errors
 from cpgan.cli.evaluate_tools import fit_classifier
-from cpgan.errors import CpganError
 from cpgan.pipeline import artifacts
 
 SPLITS = ("val2014",)
@@ -51,8 +50,10 @@ DEFAULT_BATCH = 50
               "(inception_v3_google-0cc3c7bd.pth); scores IS as the CPGAN release did, gives "
               "the FID features and the encoders' Inception backbone.")
 @click.option("--fid-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The pt_inception-2015-12-05 FID network: not supported yet (FID uses the "
-              "Inception-v3 pool features; the report's config says so).")
+              help="Paper preset: pytorch-fid's pt_inception-2015-12-05 FID network "
+              "(pt_inception-2015-12-05-6726825d.pth), whose pool3 features give the FID of "
+              "published numbers. Without it FID uses the --inception-weights pool features "
+              "(not comparable with published FIDs); the report's config says which.")
 @click.option("--detector-weights", type=click.Path(dir_okay=False, path_type=Path),
               default=None,
               help="Detector for SOA and the encoders' object features: models/detector.pt or "
@@ -92,7 +93,6 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
     from cpgan.pipeline.coco import CocoSplit
     from cpgan.pipeline.report import METRICS_LOG, REPORT_DIR, ReportInputs, write_report
     from cpgan.trainer.evaluate import (
-        FID_NOT_SUPPORTED,
         EvalFiles,
         EvalOptions,
         evaluate,
@@ -101,8 +101,6 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
     )
     from cpgan.trainer.sampling import default_checkpoint, read_checkpoint
 
-    if fid_weights is not None:
-        raise CpganError(FID_NOT_SUPPORTED)
     root = run.artifacts
     checkpoint = read_checkpoint(checkpoint_path or default_checkpoint(root))
     config = checkpoint.config
@@ -110,7 +108,7 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
     models_dir = root / "models"
     files = EvalFiles(root, scoring_weights or models_dir / "classifier.pt", inception_weights,
                       detector_weights or models_dir / "detector.pt",
-                      run.project_path(config.detector.cfg))
+                      run.project_path(config.detector.cfg), fid_weights)
     split = CocoSplit.open(run.coco_root, split_name, require_instances=True)
     params = {"checkpoint": str(checkpoint.path), "split": split_name, "num_images": num_images,
               "batch_size": batch_size, "seed": seed,

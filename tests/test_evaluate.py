@@ -218,7 +218,7 @@ def _error(run: Setup, capsys, *extra: str) -> str:
 def test_refusals_are_one_line(run: Setup, tmp_path: Path, capsys):
     assert "fit-classifier" in _error(run, capsys, "--scoring-weights",
                                       str(tmp_path / "none.pt"))
-    assert "not supported yet" in _error(run, capsys, "--fid-weights", str(tmp_path / "f.pth"))
+    assert "paper preset" in _error(run, capsys, "--fid-weights", str(tmp_path / "f.pth"))
     bad = tmp_path / "checkpoint.pt"
     torch.save({"format": 1, "kind": "cpgan-gan", "config": {}}, bad)
     assert "missing" in _error(run, capsys, "--checkpoint", str(bad))

@@ -19,9 +19,10 @@ The pairs are exactly those of :class:`~cpgan.trainer.data.TextImageDataset` wit
 * FID against the real val images' features of the same network. For ``real`` itself, a
   seeded random half against the other half (FID of a set against itself is 0 and says
   nothing; half-size sets carry FID's small-sample bias, so this ceiling is slightly
-  pessimistic). On COCO the features are torchvision Inception-v3's pool (the
-  pt_inception-2015-12-05 network of published FIDs is not supported yet), which is recorded
-  in the report's config: such FIDs are not comparable with published ones;
+  pessimistic). On COCO the features are the 2048-d pool3 of the pt_inception-2015-12-05
+  network of published FIDs (:mod:`cpgan.model.fid_inception`) when ``--fid-weights`` is
+  given, else torchvision Inception-v3's pool, whose FIDs are not comparable with published
+  ones; the report's config says which network computed FID;
 * R-precision of the image's global feature f from the run's frozen pretrained OAIE against
   the sentence vectors s of MATE (DM-GAN's 1 true vs 99 random captions, 10 folds, and the
   CPGAN release's in-batch variant), with fewer candidates when fewer images (recorded);
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -85,9 +86,6 @@ MIN_IMAGES = 4
 """The real set's FID needs two halves of at least two images each."""
 SHOWCASE = 8
 ATTENTION_EXAMPLES = 3
-FID_NOT_SUPPORTED = ("--fid-weights: the pt_inception-2015-12-05 FID network is not supported "
-                     "yet; FID on COCO uses torchvision Inception-v3 pool features from "
-                     "--inception-weights (recorded in the report's config)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,19 +94,41 @@ FID_NOT_SUPPORTED = ("--fid-weights: the pt_inception-2015-12-05 FID network is 
 
 @dataclass
 class Scoring:
-    """The IS/FID network and what the report says about it."""
+    """The IS/FID network and what the report says about it; ``fid_network``, when set,
+    gives the FID features in place of ``network``'s (the paper preset's pt_inception)."""
 
     network: nn.Module
     kind: str
     weights: Path
     fid_features: str
+    fid_network: nn.Module | None = None
+
+    def to(self, device: str) -> "Scoring":
+        fid_network = None if self.fid_network is None else self.fid_network.to(device)
+        return replace(self, network=self.network.to(device), fid_network=fid_network)
+
+    @torch.no_grad()
+    def score(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Softmax for IS and features for FID (float32, CPU) of images in [-1, 1]."""
+        from cpgan.trainer.classifier import score_images, to_unit_range
+
+        probs, pool = score_images(self.network, images, len(images), str(images.device))
+        if self.fid_network is not None:
+            unit = to_unit_range(images) if images.dtype == torch.uint8 else images.float()
+            pool = self.fid_network.eval()(unit).float().cpu()
+        return probs, pool
 
 
 def load_scoring(preset: str, classifier_weights: Path, inception_weights: Path | None,
-                 image_size: int) -> Scoring:
-    """Toy preset: the fitted toy classifier; paper preset: torchvision's Inception-v3."""
+                 image_size: int, fid_weights: Path | None = None) -> Scoring:
+    """Toy preset: the fitted toy classifier; paper preset: torchvision's Inception-v3 for IS
+    (as the CPGAN release) and, given ``fid_weights``, pt_inception-2015-12-05 for FID."""
+    from cpgan.model.fid_inception import FID_INCEPTION_NAME, load_fid_inception
     from cpgan.trainer.classifier import load_scoring_network
 
+    if preset == "toy" and fid_weights is not None:
+        raise CpganError(f"{fid_weights}: --fid-weights is for the paper preset (COCO); the toy "
+                         "preset scores FID with its fitted classifier's features")
     if preset == "toy":
         if not Path(classifier_weights).is_file():
             raise CpganError(f"{classifier_weights}: toy scoring classifier not found (make it "
@@ -120,9 +140,14 @@ def load_scoring(preset: str, classifier_weights: Path, inception_weights: Path 
         raise CpganError("the paper preset scores IS and FID with torchvision's Inception-v3: "
                          "pass --inception-weights FILE (inception_v3_google-0cc3c7bd.pth)")
     network = load_scoring_network("inception", inception_weights)
+    if fid_weights is None:
+        return Scoring(network, "inception", Path(inception_weights),
+                       f"torchvision Inception-v3 pool3 (2048-d), not the {FID_INCEPTION_NAME} "
+                       "network of published FIDs: not comparable with published numbers")
     return Scoring(network, "inception", Path(inception_weights),
-                   "torchvision Inception-v3 pool3 (2048-d), not the pt_inception-2015-12-05 "
-                   "network of published FIDs: not comparable with published numbers")
+                   f"{FID_INCEPTION_NAME} pool3 (2048-d, pytorch-fid's FID Inception, the "
+                   f"network of published FIDs) from {fid_weights}",
+                   load_fid_inception(fid_weights))
 
 
 def load_soa_detector(cfg: Path, weights: Path, split: CocoSplit) -> tuple[Darknet, list[int]]:
@@ -162,6 +187,7 @@ class EvalFiles:
     inception_weights: Path | None
     detector_weights: Path
     detector_cfg: Path
+    fid_weights: Path | None = None
 
     def inputs(self, checkpoint: GanCheckpoint, split: CocoSplit, scoring: Scoring) -> list[Path]:
         paths = [checkpoint.path, resolve(self.artifacts, checkpoint.encoders),
@@ -171,6 +197,8 @@ class EvalFiles:
             paths.append(resolve(self.artifacts, checkpoint.memory))
         if self.inception_weights is not None:
             paths.append(self.inception_weights)
+        if self.fid_weights is not None:
+            paths.append(self.fid_weights)
         return sorted(set(paths))
 
 
@@ -201,7 +229,7 @@ def load_eval_models(checkpoint: GanCheckpoint, files: EvalFiles, split: CocoSpl
     config = checkpoint.config
     vocab = load_vocab(files.artifacts, checkpoint)
     scoring = load_scoring(config.preset, files.classifier_weights, files.inception_weights,
-                           final_size(config))
+                           final_size(config), files.fid_weights)
     detector, category_ids = load_soa_detector(files.detector_cfg, files.detector_weights, split)
     encoders = resolve(files.artifacts, checkpoint.encoders)
     memory = resolve(files.artifacts, checkpoint.memory) if checkpoint.memory else None
@@ -215,9 +243,7 @@ def load_eval_models(checkpoint: GanCheckpoint, files: EvalFiles, split: CocoSpl
     soa_detector = for_cpu_inference(copy.deepcopy(detector)).to(device)
     return EvalModels(checkpoint, vocab, load_generator(checkpoint).to(device),
                       untrained_generator(config, seed).to(device), text, image,
-                      Scoring(scoring.network.to(device), scoring.kind, scoring.weights,
-                              scoring.fid_features),
-                      soa_detector, category_ids, files.detector_weights, seed)
+                      scoring.to(device), soa_detector, category_ids, files.detector_weights, seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,10 +267,7 @@ class ScoredImages:
 
     @torch.no_grad()
     def add(self, models: EvalModels, images: Tensor) -> None:
-        from cpgan.trainer.classifier import score_images
-
-        device = images.device
-        probs, pool = score_images(models.scoring.network, images, len(images), str(device))
+        probs, pool = models.scoring.score(images)
         self.probs.append(probs)
         self.pool.append(pool)
         self.global_f.append(global_features(models.image_encoder, images).float().cpu())

@@ -77,6 +77,9 @@ from cpgan.model.text_encoder import MemoryAttendedTextEncoder
 from cpgan.pipeline.artifacts import atomic_write, atomic_write_text, sweep_temporaries
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.text import PAD_ID, Vocabulary
+from cpgan.trainer.damsm import _rng_state as global_rng_state
+from cpgan.trainer.damsm import _set_rng_state
+from cpgan.trainer.sampling import build_generator
 from cpgan.trainer.data import (
     Batch,
     TextImageDataset,
@@ -170,17 +173,6 @@ def relative_to_root(root: Path, path: Path) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Models
-
-
-def build_generator(config: Config) -> Generator:
-    """The generator of Eq. 2 at the config's sizes (the contract's constructor call)."""
-    g = config.gan
-    try:
-        return Generator(text_dim=config.encoder.text_dim, z_dim=g.z_dim,
-                         condition_dim=g.condition_dim, gf_dim=g.gf_dim, base_size=g.base_size,
-                         stages=g.stages, r_num=g.r_num)
-    except ValueError as exc:
-        raise CpganError(f"gan sizes: {exc}") from None
 
 
 def build_discriminators(config: Config, use_fgcd: bool = True) -> Discriminators:
@@ -502,16 +494,7 @@ def _state_dict(module: nn.Module) -> dict[str, Tensor]:
 
 def _rng_state(seed: int) -> dict[str, Any]:
     """Steps reseed every draw from (seed, step, rank); the global states are kept as well."""
-    state: dict[str, Any] = {"seed": seed, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    return {"seed": seed, **global_rng_state()}
 
 
 @dataclass
