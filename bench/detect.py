@@ -81,6 +81,29 @@ def conv_gflops_per_second(seconds: float = 3.0) -> float:
     return count * flops / (time.perf_counter() - start) / 1e9
 
 
+def forward_rates(gflops: float, batch: int = 4, repeats: int = 2) -> dict[str, float]:
+    """One-thread GFLOP/s of the YOLOv3 forward as loaded and after ``for_cpu_inference``
+    (BN folded, channels_last), timed back to back in this process."""
+    import copy
+
+    from cpgan.model.darknet import Darknet, for_cpu_inference
+
+    torch.set_num_threads(1)
+    plain = Darknet.from_cfg_file(CFG).eval()
+    folded = for_cpu_inference(copy.deepcopy(plain))
+    x = torch.randn(batch, 3, 416, 416)
+    rates = {}
+    for name, model, inputs in (("plain", plain, x),
+                                ("folded", folded, x.contiguous(memory_format=torch.channels_last))):
+        with torch.inference_mode():
+            model(inputs)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                model(inputs)
+        rates[name] = round(gflops * batch * repeats / (time.perf_counter() - start), 1)
+    return rates
+
+
 def run_detect(coco: Path, weights: Path, out: Path, images: int, workers: int) -> float:
     command = [str(ROOT / ".venv" / "bin" / "cpgan-prep"), "detect", "--coco-root", str(coco),
                "--cfg", str(CFG), "--weights", str(weights), "--artifacts", str(out),
@@ -104,7 +127,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cpgan-bench-detect"))
+    parser.add_argument("--forward-only", action="store_true",
+                        help="Only time the forward with and without BN folding.")
     args = parser.parse_args()
+    if args.forward_only:
+        gflops = gflops_per_image(CFG, 416)
+        print(json.dumps({"forward_gflops_per_s_one_thread": forward_rates(gflops),
+                          "conv_gflops_per_s_one_thread": round(conv_gflops_per_second(), 1),
+                          "load_average": os.getloadavg()}))
+        return
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     # one dataset per size: a smaller one would silently cap --limit and inflate images/s

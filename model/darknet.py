@@ -591,8 +591,8 @@ def for_cpu_inference(model: Darknet) -> Darknet:
     tensors in ``channels_last`` order, for inference only.
 
     In eval mode ``BN(conv(x))`` is one affine convolution, so folding saves a full pass over
-    every feature map, and oneDNN's convolutions run faster on NHWC tensors: together ~1.3x
-    on YOLOv3 at 416 on one CPU thread (measured while writing this; see BENCHMARKS.md). The
+    every feature map, and oneDNN's convolutions run faster on NHWC tensors: together 1.12x
+    on YOLOv3 at 416 on one idle CPU thread (``bench/detect.py --forward-only``, BENCHMARKS.md). The
     outputs equal the unfolded network's up to float rounding. A folded network cannot be
     trained or written to a ``.weights`` file, so call this on a loaded copy that only infers.
     """

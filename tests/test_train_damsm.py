@@ -5,6 +5,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from tqdm import tqdm
 from click.testing import CliRunner
 
 from cpgan.cli.train import cli as train_cli
@@ -102,14 +103,8 @@ def test_training_steps_lower_the_damsm_loss(setup):
     before = loss()
     detector_before = damsm.module_digest(setup["detector"])
 
-    class Bar:
-        def set_postfix(self, **_):
-            pass
-
-        def update(self, _):
-            pass
-
-    damsm._train_epoch(state, [batch] * 10, config.encoder, "cpu", Bar())
+    with tqdm(disable=True) as bar:
+        damsm._train_epoch(state, [batch] * 10, config.encoder, "cpu", bar)
     assert loss() < 0.8 * before
     assert damsm.module_digest(setup["detector"]) == detector_before  # V_o's detector is frozen
 
