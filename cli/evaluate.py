@@ -59,6 +59,14 @@ DEFAULT_BATCH = 50
               help="Detector for SOA and the encoders' object features: models/detector.pt or "
               "a Darknet .weights file for the preset's cfg. Default: "
               "<artifacts>/models/detector.pt.")
+@click.option("--rprecision-encoders", type=click.Path(dir_okay=False, path_type=Path),
+              default=None,
+              help="DAMSM encoders (models/damsm*.pt) that score R-precision. Default: the "
+              "run's own, as the CPGAN release does; an ablation scores every variant with the "
+              "same file (bench/ablation.py uses models/damsm.pt).")
+@click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where report.json and index.html go (default: <artifacts>/report). Only "
+              "the default folder is the eval stage's record that 'cpgan-prep status' shows.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Image-decoding loader processes.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -67,7 +75,8 @@ DEFAULT_BATCH = 50
 def cli(run: RunContext, checkpoint_path: Path | None, split: str, num_images: int | None,
         batch_size: int, device: str, seed: int | None, scoring_weights: Path | None,
         inception_weights: Path | None, fid_weights: Path | None,
-        detector_weights: Path | None, workers: int, threads: int | None) -> None:
+        detector_weights: Path | None, rprecision_encoders: Path | None,
+        report_dir: Path | None, workers: int, threads: int | None) -> None:
     """Evaluate a trained CPGAN: IS, FID, R-precision and SOA of generated, real and
     untrained-generator images, side by side.
 
@@ -83,13 +92,15 @@ def cli(run: RunContext, checkpoint_path: Path | None, split: str, num_images: i
 
     torch.set_num_threads(choose_threads(threads))
     _evaluate(run, checkpoint_path, split, num_images, batch_size, device, seed,
-              scoring_weights, inception_weights, fid_weights, detector_weights, workers)
+              scoring_weights, inception_weights, fid_weights, detector_weights,
+              rprecision_encoders, report_dir, workers)
 
 
 def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
               num_images: int | None, batch_size: int, device: str, seed: int | None,
               scoring_weights: Path | None, inception_weights: Path | None,
-              fid_weights: Path | None, detector_weights: Path | None, workers: int) -> None:
+              fid_weights: Path | None, detector_weights: Path | None,
+              rprecision_encoders: Path | None, report_dir: Path | None, workers: int) -> None:
     from cpgan.pipeline.coco import CocoSplit
     from cpgan.pipeline.report import METRICS_LOG, REPORT_DIR, ReportInputs, write_report
     from cpgan.trainer.evaluate import (
@@ -108,16 +119,19 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
     models_dir = root / "models"
     files = EvalFiles(root, scoring_weights or models_dir / "classifier.pt", inception_weights,
                       detector_weights or models_dir / "detector.pt",
-                      run.project_path(config.detector.cfg), fid_weights)
+                      run.project_path(config.detector.cfg), fid_weights, rprecision_encoders)
     split = CocoSplit.open(run.coco_root, split_name, require_instances=True)
     params = {"checkpoint": str(checkpoint.path), "split": split_name, "num_images": num_images,
               "batch_size": batch_size, "seed": seed,
               "scoring": "classifier" if config.preset == "toy" else "inception"}
+    if rprecision_encoders is not None:
+        params["rprecision_encoders"] = str(rprecision_encoders)
     scoring_file = files.classifier_weights if config.preset == "toy" else inception_weights
     record_inputs = (files.inputs(checkpoint, split, SimpleNamespace(weights=Path(scoring_file)))
                      if scoring_file is not None else None)  # else loading the models will say why
-    if record_inputs is not None and artifacts.is_current(root, "eval", params=params,
-                                                          inputs=record_inputs):
+    staged = report_dir is None  # only the default folder is the eval stage's record
+    if staged and record_inputs is not None and artifacts.is_current(
+            root, "eval", params=params, inputs=record_inputs):
         click.echo(f"cpgan-eval: up to date ({root / REPORT_DIR / 'index.html'}; rerun after "
                    "removing report/report.provenance.json to recompute)")
         return
@@ -125,7 +139,7 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
     record_inputs = record_inputs or files.inputs(checkpoint, split, models.scoring)
     options = EvalOptions(num_images, batch_size, seed, device, workers)
     evaluation = evaluate(models, split, options)
-    folder = root / REPORT_DIR
+    folder = root / REPORT_DIR if staged else report_dir
     inputs = ReportInputs(checkpoint.path.parent / METRICS_LOG,
                           root if checkpoint.memory else None, run.coco_root,
                           evaluation.memory_candidates)
@@ -133,9 +147,9 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
     report = evaluation.report
     summary = {block: {k: v for k, v in report[block].items() if k != "soa_per_class"}
                for block in ("generated", "real", "untrained")}
-    artifacts.write_record(root, "eval", config=config.to_dict(), params=params,
-                           inputs=record_inputs,
-                           outputs=written, summary=summary)
+    if staged:
+        artifacts.write_record(root, "eval", config=config.to_dict(), params=params,
+                               inputs=record_inputs, outputs=written, summary=summary)
     click.echo(f"cpgan-eval [{checkpoint.run_name} step {checkpoint.step}]: "
                f"{report['config']['num_images']} pairs in {report['config']['seconds']:.0f} s; "
                f"{summary_line(report)} -> {folder / 'index.html'}")

@@ -206,6 +206,57 @@ def test_global_features_equal_the_encoders_f(run: Setup):
                           image(images).global_feature, atol=1e-6)
 
 
+def _other_encoders(run: Setup) -> Path:
+    """The run's encoder file with every learned weight redrawn: another R-precision ruler."""
+    source = run.artifacts / sampling.read_checkpoint(run.checkpoint).encoders
+    data = torch.load(source, weights_only=True)
+    generator = torch.Generator().manual_seed(99)
+    for part in ("text_encoder", "image_encoder"):
+        data[part] = {k: (torch.randn(v.shape, generator=generator) * 0.3
+                          if v.is_floating_point() and "running" not in k else v)
+                      for k, v in data[part].items()}
+    path = run.artifacts / "models" / "ruler.pt"
+    torch.save(data, path)
+    return path
+
+
+def test_rprecision_encoders_score_every_variant_with_one_ruler(run: Setup, evaluated: dict,
+                                                                 tmp_path: Path):
+    """--rprecision-encoders: sentences and f come from the given file, the generator is still
+    conditioned by the run's own text encoder, and --report-dir leaves the eval stage alone."""
+    ruler = _other_encoders(run)
+    record_before = artifacts.read_record(run.artifacts, "eval")
+    folder = tmp_path / "ablation"
+    result = CliRunner().invoke(eval_cli, _args(run, "--rprecision-encoders", str(ruler),
+                                                "--report-dir", str(folder)))
+    assert result.exit_code == 0, (result.output, result.exception)
+    report = json.loads((folder / "report.json").read_text())
+    assert report["config"]["r_precision_encoders"] == str(ruler)
+    assert evaluated["config"]["r_precision_encoders"] == "models/damsm.pt"
+    # the same generated images (IS and FID agree) scored by another ruler
+    assert report["generated"]["fid"] == pytest.approx(evaluated["generated"]["fid"], rel=1e-5)
+    assert artifacts.read_record(run.artifacts, "eval") == record_before
+
+    checkpoint = sampling.read_checkpoint(run.checkpoint)
+    files = evaluate.EvalFiles(run.artifacts, run.artifacts / "models" / "classifier.pt", None,
+                               run.artifacts / "models" / "detector.pt",
+                               Path(__file__).parent.parent / run.config.detector.cfg,
+                               rprecision_encoders=ruler)
+    models = evaluate.load_eval_models(checkpoint, files, CocoSplit.open(run.coco, "val2014"), 0)
+    assert ruler in files.inputs(checkpoint, CocoSplit.open(run.coco, "val2014"), models.scoring)
+    from cpgan.trainer.data import collate
+
+    pairs = _val_pairs(run)
+    batch = collate([pairs[i] for i in range(4)])
+    own = sampling.encode_captions(models.text_encoder, batch.captions, batch.lengths)
+    ruled = evaluate._scored_sentences(models, own, batch)
+    expected = sampling.encode_captions(models.rprecision_text, batch.captions, batch.lengths)
+    assert torch.equal(ruled, expected.sentence) and not torch.allclose(ruled, own.sentence)
+    images = batch.images[-1]
+    assert not torch.allclose(evaluate.global_features(models.scorer_image, images),
+                              evaluate.global_features(models.image_encoder, images))
+
+
 def _error(run: Setup, capsys, *extra: str) -> str:
     with pytest.raises(SystemExit) as info:
         eval_main(_args(run, *extra))

@@ -65,6 +65,7 @@ from cpgan.model.metrics import (
 )
 from cpgan.model.text_encoder import MemoryAttendedTextEncoder
 from cpgan.pipeline.coco import CocoSplit
+from cpgan.pipeline.memory import MEMORY_NAME
 from cpgan.pipeline.report import AttentionExample, Showcase
 from cpgan.pipeline.text import Vocabulary
 from cpgan.trainer.sampling import (
@@ -188,6 +189,8 @@ class EvalFiles:
     detector_weights: Path
     detector_cfg: Path
     fid_weights: Path | None = None
+    rprecision_encoders: Path | None = None
+    """DAMSM encoders that score R-precision instead of the run's own (ablations)."""
 
     def inputs(self, checkpoint: GanCheckpoint, split: CocoSplit, scoring: Scoring) -> list[Path]:
         paths = [checkpoint.path, resolve(self.artifacts, checkpoint.encoders),
@@ -199,6 +202,8 @@ class EvalFiles:
             paths.append(self.inception_weights)
         if self.fid_weights is not None:
             paths.append(self.fid_weights)
+        if self.rprecision_encoders is not None:
+            paths += [self.rprecision_encoders, self.artifacts / MEMORY_NAME]
         return sorted(set(paths))
 
 
@@ -217,6 +222,16 @@ class EvalModels:
     category_ids: list[int]
     detector_weights: Path
     untrained_seed: int
+    rprecision_text: MemoryAttendedTextEncoder | None = None
+    rprecision_image: ObjectAwareImageEncoder | None = None
+    rprecision_encoders: str = ""
+    """R-precision's scorer when it is not the run's own encoders: every variant of an
+    ablation is then measured by the same ruler (its own encoders would each grade their own
+    generator's images, so the numbers could not be set side by side)."""
+
+    @property
+    def scorer_image(self) -> ObjectAwareImageEncoder:
+        return self.rprecision_image or self.image_encoder
 
 
 def load_eval_models(checkpoint: GanCheckpoint, files: EvalFiles, split: CocoSplit, seed: int,
@@ -241,9 +256,16 @@ def load_eval_models(checkpoint: GanCheckpoint, files: EvalFiles, split: CocoSpl
                          f"objects={image.use_objects} do not match the run's switches "
                          f"{switches} ({checkpoint.path})")
     soa_detector = for_cpu_inference(copy.deepcopy(detector)).to(device)
-    return EvalModels(checkpoint, vocab, load_generator(checkpoint).to(device),
-                      untrained_generator(config, seed).to(device), text, image,
-                      scoring.to(device), soa_detector, category_ids, files.detector_weights, seed)
+    models = EvalModels(checkpoint, vocab, load_generator(checkpoint).to(device),
+                        untrained_generator(config, seed).to(device), text, image,
+                        scoring.to(device), soa_detector, category_ids, files.detector_weights,
+                        seed, rprecision_encoders=str(checkpoint.encoders))
+    if files.rprecision_encoders is not None:
+        models.rprecision_text, models.rprecision_image = load_pretrained_encoders(
+            files.rprecision_encoders, vocab, config, files.artifacts / MEMORY_NAME, detector,
+            files.inception_weights, device)
+        models.rprecision_encoders = str(files.rprecision_encoders)
+    return models
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,7 +292,7 @@ class ScoredImages:
         probs, pool = models.scoring.score(images)
         self.probs.append(probs)
         self.pool.append(pool)
-        self.global_f.append(global_features(models.image_encoder, images).float().cpu())
+        self.global_f.append(global_features(models.scorer_image, images).float().cpu())
         self.detected += detected_categories(models.detector, images, models.category_ids)
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -387,12 +409,19 @@ def _stream(models: EvalModels, split: CocoSplit, options: EvalOptions,
             for block, batch_images in images.items():
                 stream.scored[block].add(models, batch_images)
             texts = _caption_texts(split, batch.image_ids, batch.caption_ids)
-            stream.sentences.append(text.sentence.float().cpu())
+            stream.sentences.append(_scored_sentences(models, text, batch).float().cpu())
             stream.expected += [caption_categories(t, words_to_categories) for t in texts]
             collector.add(texts, _words(models.vocab, batch.captions, batch.lengths), images,
                           out.attention)
             bar.update(len(batch) + len(batch.failed))
     return stream, collector, len(dataset)
+
+
+def _scored_sentences(models: EvalModels, text: EncodedText, batch: Any) -> Tensor:
+    """The sentence vectors R-precision ranks: the conditioning ones, unless another scorer."""
+    if models.rprecision_text is None:
+        return text.sentence
+    return encode_captions(models.rprecision_text, batch.captions, batch.lengths).sentence
 
 
 @dataclass(frozen=True)
@@ -524,7 +553,7 @@ def _config_block(models: EvalModels, split: CocoSplit, options: EvalOptions,
         "scoring_network": {"kind": models.scoring.kind, "weights": str(models.scoring.weights)},
         "fid_network": models.scoring.fid_features,
         "fid_real": "a seeded random half of the real images against the other half",
-        "r_precision_encoders": checkpoint.encoders,
+        "r_precision_encoders": models.rprecision_encoders,
         "soa_detector": {"weights": str(models.detector_weights),
                          "classes": len(models.category_ids), "objectness": SOA_OBJECTNESS},
         **protocol.describe(), "preset": checkpoint.config.preset,
