@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import inception_v3
 
+from cpgan.model.frozen_inception import FrozenInception
+
 INCEPTION_SIZE = 299
 TOY_IMAGE_SIZE = 64
 TOY_WIDTH = 16
@@ -134,13 +136,7 @@ class ToyClassifier(nn.Module):
         return self._logits(self.top(hidden).amax(dim=(2, 3))), self.dense_head(hidden)
 
 
-_INCEPTION_LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1",
-                     "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c",
-                     "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
-                     "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool")
-
-
-class InceptionScorer(nn.Module):
+class InceptionScorer(FrozenInception):
     """torchvision's Inception-v3 as a scoring network: ImageNet logits and the 2048-d pool.
 
     Built without weights (load them with
@@ -155,23 +151,12 @@ class InceptionScorer(nn.Module):
     image_size = INCEPTION_SIZE
 
     def __init__(self) -> None:
-        super().__init__()
-        self.net = inception_v3(weights=None, aux_logits=False, init_weights=False,
-                                transform_input=False)
-        self.net.requires_grad_(False)
-        self.net.eval()
-
-    def train(self, mode: bool = True) -> "InceptionScorer":
-        super().train(mode)
-        self.net.eval()
-        return self
+        super().__init__(inception_v3(weights=None, aux_logits=False, init_weights=False,
+                                      transform_input=False))
 
     def features(self, images: Tensor) -> Tensor:
         """``[B, 2048]`` pool3 features of images in [-1, 1]."""
-        x = resize_to(images, INCEPTION_SIZE)
-        for name in _INCEPTION_LAYERS:
-            x = getattr(self.net, name)(x)
-        return x.flatten(1)
+        return self.pool3(resize_to(images, INCEPTION_SIZE))
 
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``(logits [B, 1000], features [B, 2048])`` in one pass."""

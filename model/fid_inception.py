@@ -29,17 +29,13 @@ from torchvision.models import inception_v3
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 
 from cpgan.errors import CpganError
+from cpgan.model.frozen_inception import FrozenInception, read_state_dict
 
 FID_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_INCEPTION_NAME = "pt_inception-2015-12-05"
 FID_CLASSES = 1008
 FID_SIZE = 299
 FID_DIM = 2048
-
-_LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
-           "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
-           "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c",
-           "avgpool")
 
 
 def _valid_avg_pool(x: Tensor) -> Tensor:
@@ -109,7 +105,7 @@ def fid_inception_v3() -> Inception3:
     return net
 
 
-class FidInception(nn.Module):
+class FidInception(FrozenInception):
     """The FID feature extractor: ``[B, 3, H, W]`` images in [-1, 1] -> ``[B, 2048]`` pool3.
 
     Frozen and always in eval mode (batch norm on running statistics): a scoring network must
@@ -121,25 +117,14 @@ class FidInception(nn.Module):
     num_classes = FID_CLASSES
 
     def __init__(self) -> None:
-        super().__init__()
-        self.net = fid_inception_v3()
-        self.net.requires_grad_(False)
-        self.net.eval()
-
-    def train(self, mode: bool = True) -> "FidInception":
-        super().train(mode)
-        self.net.eval()
-        return self
+        super().__init__(fid_inception_v3())
 
     def features(self, images: Tensor) -> Tensor:
         """pool3 features; pytorch-fid resizes bilinearly (align_corners=False) at any size."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected [B, 3, H, W] images, got {tuple(images.shape)}")
-        x = F.interpolate(images, size=(FID_SIZE, FID_SIZE), mode="bilinear",
-                          align_corners=False)
-        for name in _LAYERS:
-            x = getattr(self.net, name)(x)
-        return x.flatten(1)
+        return self.pool3(F.interpolate(images, size=(FID_SIZE, FID_SIZE), mode="bilinear",
+                                        align_corners=False))
 
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``(logits [B, 1008], features [B, 2048])`` in one pass."""
@@ -148,23 +133,6 @@ class FidInception(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.features(images)
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise CpganError(f"{path}: FID network weights file is missing; download pytorch-fid's "
-                         f"{FID_INCEPTION_FILE} on a machine with network access and pass it "
-                         f"with --fid-weights")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling refusals, truncated zips, I/O errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CpganError(f"{path}: not a readable torch state dict ({reason})") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
-                                              for k, v in state.items()):
-        raise CpganError(f"{path}: expected a state dict of tensors for the "
-                         f"{FID_INCEPTION_NAME} FID network")
-    return state
 
 
 def _check_state_dict(path: Path, state: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
@@ -201,7 +169,9 @@ def load_fid_inception(path: str | Path) -> FidInception:
     extra key, a wrong shape or dtype is a one-line :class:`CpganError` naming the file.
     """
     path = Path(path)
-    state = _read_state_dict(path)
+    state = read_state_dict(path, f"the {FID_INCEPTION_NAME} FID network",
+                            f"download pytorch-fid's {FID_INCEPTION_FILE} on a machine with "
+                            f"network access and pass it with --fid-weights")
     _check_state_dict(path, state, _layout())
     model = FidInception()
     model.net.load_state_dict(state, strict=False)

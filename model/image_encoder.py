@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torchvision.models import inception_v3
 
 from cpgan.errors import CpganError
+from cpgan.model.frozen_inception import TO_MIXED_6E, TO_POOL3, FrozenInception, read_state_dict
 from cpgan.model.yolo import RegionOutput, YoloRegionExtractor, letterbox_tensor
 
 LOCAL_GRID = 8
@@ -50,10 +51,7 @@ INCEPTION_GLOBAL_DIM = 2048
 INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"
 PROJECTION_INIT_RANGE = 0.1
 LEAKY_SLOPE = 0.2
-_TO_MIXED_6E = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
-                "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
-                "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e")
-_TO_MIXED_7C = ("Mixed_7a", "Mixed_7b", "Mixed_7c")
+
 
 
 class BackboneFeatures(NamedTuple):
@@ -83,18 +81,9 @@ def load_inception_weights(model: nn.Module, path: str | Path) -> None:
     matching state dict is a :class:`CpganError` naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CpganError(
-            f"{path}: Inception-v3 weights file is missing; download torchvision's "
-            f"IMAGENET1K_V1 weights ({INCEPTION_FILE}) on a machine with network access and "
-            f"pass the file with --inception-weights")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling refusals, truncated zips, I/O errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CpganError(f"{path}: not a readable torch state dict ({reason})") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CpganError(f"{path}: expected a state dict of tensors for Inception-v3")
+    state = read_state_dict(path, "Inception-v3", f"download torchvision's IMAGENET1K_V1 "
+                            f"weights ({INCEPTION_FILE}) on a machine with network access and "
+                            f"pass the file with --inception-weights")
     state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
     try:
         result = model.load_state_dict(state, strict=False)
@@ -112,14 +101,14 @@ def _first_mismatch(message: str) -> str:
     return lines[0] if lines else message.strip().splitlines()[0]
 
 
-class InceptionBackbone(ImageBackbone):
+class InceptionBackbone(FrozenInception, ImageBackbone):
     """Frozen Inception-v3: Mixed_6e pooled to 8 x 8 (768 ch) and the 2048-d global pool.
 
     Built without weights; call :func:`load_inception_weights` on ``self.net``. The Google
     weights expect inputs in [-1, 1] (torchvision's ``transform_input`` converts ImageNet-
     normalised inputs to that range), so our [-1, 1] images go in unchanged, as in AttnGAN.
-    Frozen means parameters *and* batch-norm statistics: the module stays in eval mode even
-    when its parent trains, while gradients still flow to the input image.
+    Frozen (:class:`~cpgan.model.frozen_inception.FrozenInception`): eval mode always, while
+    gradients still flow to the input image.
     """
 
     local_dim = INCEPTION_LOCAL_DIM
@@ -127,26 +116,15 @@ class InceptionBackbone(ImageBackbone):
     frozen = True
 
     def __init__(self) -> None:
-        super().__init__()
-        self.net = inception_v3(weights=None, aux_logits=False, init_weights=False,
-                                transform_input=False)
-        self.net.requires_grad_(False)
-        self.net.eval()
-
-    def train(self, mode: bool = True) -> "InceptionBackbone":
-        super().train(mode)
-        self.net.eval()
-        return self
+        super().__init__(inception_v3(weights=None, aux_logits=False, init_weights=False,
+                                      transform_input=False))
 
     def forward(self, images: Tensor) -> BackboneFeatures:
         x = F.interpolate(images, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear",
                           align_corners=False)
-        for name in _TO_MIXED_6E:
-            x = getattr(self.net, name)(x)
+        x = self.run(x, TO_MIXED_6E)
         local = F.adaptive_avg_pool2d(x, LOCAL_GRID)
-        for name in _TO_MIXED_7C:
-            x = getattr(self.net, name)(x)
-        return BackboneFeatures(local, self.net.avgpool(x).flatten(1))
+        return BackboneFeatures(local, self.run(x, TO_POOL3).flatten(1))
 
 
 # --------------------------------------------------------------------------------------------
