@@ -27,6 +27,7 @@ the encoders must then be trained already.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 from pathlib import Path
@@ -159,26 +160,23 @@ def _damsm_stage(run: RunContext, memory_path: Path | None, use_memory: bool,
     job.train(device, resume, workers)
 
 
-class DamsmJob:
-    """The damsm stage of one invocation: resolved inputs, provenance, training."""
+class _TrainingJob(abc.ABC):
+    """What the damsm and gan stages share: the input files one variant reads (resolved and
+    checked before any work), and its provenance record (the stage's own for the main model,
+    one beside the variant's output for an ablation)."""
+
+    stage: str
 
     def __init__(self, run: RunContext, memory_path: Path | None, use_memory: bool,
                  use_objects: bool, detector_weights: Path | None,
-                 inception_weights: Path | None, limit: int | None,
-                 val_limit: int | None) -> None:
-        from cpgan.trainer.damsm import model_name, model_path
-
+                 inception_weights: Path | None) -> None:
         self.run = run
         self.root = run.artifacts
-        self.use_memory, self.use_objects = use_memory, use_objects
         self.memory_path = (memory_path or self.root / "memory.h5") if use_memory else None
         self.detector_weights = ((detector_weights or self.root / "models" / "detector.pt")
                                  if use_objects else None)
         self.detector_cfg = run.project_path(run.config.detector.cfg) if use_objects else None
         self.inception_weights = inception_weights
-        self.limit, self.val_limit = limit, val_limit
-        self.name = model_name(use_memory, use_objects)
-        self.model = model_path(self.root / "models", use_memory, use_objects)
         self.vocab_path = self.root / "vocab.json"
         self._check_inputs_exist()
 
@@ -193,26 +191,86 @@ class DamsmJob:
             raise CpganError(f"{self.detector_weights}: detector weights not found (run "
                              "'cpgan-prep train-detector' or pass --detector-weights)")
 
+    def _detector_params(self) -> dict[str, Any] | None:
+        detector = self.run.config.detector
+        return ({k: getattr(detector, k) for k in
+                 ("feature_layer", "num_regions", "score_threshold", "nms_iou")}
+                if self.detector_cfg is not None else None)
+
+    def _inputs(self, *stage_files: Path) -> list[Path]:
+        from cpgan.pipeline.coco import annotation_file
+
+        coco = self.run.coco_root
+        files = [annotation_file(coco, "captions", "train2014"),
+                 annotation_file(coco, "captions", "val2014"), self.vocab_path, *stage_files]
+        files += [p for p in (self.memory_path, self.detector_weights, self.detector_cfg,
+                              self.inception_weights) if p is not None]
+        return files
+
+    @abc.abstractmethod
+    def params(self) -> dict[str, Any]:
+        """The settings whose change makes the stage's output stale."""
+
+    @abc.abstractmethod
+    def inputs(self) -> list[Path]:
+        """The files whose change makes the stage's output stale."""
+
+    @property
+    @abc.abstractmethod
+    def main_variant(self) -> bool:
+        """Is this the full model (recorded as the stage) rather than an ablation?"""
+
+    @property
+    @abc.abstractmethod
+    def record(self) -> Path:
+        """The ablation variant's record (the main model's is the stage record)."""
+
+    def _recorded_current(self) -> bool:
+        if self.main_variant:
+            return artifacts.is_current(self.root, self.stage, params=self.params(),
+                                        inputs=self.inputs())
+        return _variant_is_current(self.root, self.record, self.params(), self.inputs())
+
+    def _write_record(self, outputs: list[Path], summary: dict[str, Any]) -> None:
+        if self.main_variant:
+            artifacts.write_record(self.root, self.stage, config=self.run.config.to_dict(),
+                                   params=self.params(), inputs=self.inputs(),
+                                   outputs=outputs, summary=summary)
+        else:
+            _write_variant_record(self.root, self.record, self.run.config.to_dict(),
+                                  self.params(), self.inputs(), outputs, summary,
+                                  stage=self.stage)
+
+
+class DamsmJob(_TrainingJob):
+    """The damsm stage of one invocation: resolved inputs, provenance, training."""
+
+    stage = "damsm"
+
+    def __init__(self, run: RunContext, memory_path: Path | None, use_memory: bool,
+                 use_objects: bool, detector_weights: Path | None,
+                 inception_weights: Path | None, limit: int | None,
+                 val_limit: int | None) -> None:
+        from cpgan.trainer.damsm import model_name, model_path
+
+        super().__init__(run, memory_path, use_memory, use_objects, detector_weights,
+                         inception_weights)
+        self.use_memory, self.use_objects = use_memory, use_objects
+        self.limit, self.val_limit = limit, val_limit
+        self.name = model_name(use_memory, use_objects)
+        self.model = model_path(self.root / "models", use_memory, use_objects)
+
     # -------------------------------------------------------------------------- provenance
 
     def params(self) -> dict[str, Any]:
         config = self.run.config
         return {"variant": self.name, "encoder": dataclasses.asdict(config.encoder),
                 "max_caption_words": config.data.max_caption_words, "seed": config.seed,
-                "detector": ({k: getattr(config.detector, k) for k in
-                              ("feature_layer", "num_regions", "score_threshold", "nms_iou")}
-                             if self.use_objects else None),
+                "detector": self._detector_params(),
                 "limit": self.limit, "val_limit": self.val_limit}
 
     def inputs(self) -> list[Path]:
-        from cpgan.pipeline.coco import annotation_file
-
-        coco = self.run.coco_root
-        files = [annotation_file(coco, "captions", "train2014"),
-                 annotation_file(coco, "captions", "val2014"), self.vocab_path]
-        files += [p for p in (self.memory_path, self.detector_weights, self.detector_cfg,
-                              self.inception_weights) if p is not None]
-        return files
+        return self._inputs()
 
     @property
     def main_variant(self) -> bool:
@@ -223,10 +281,7 @@ class DamsmJob:
         return self.model.with_name(f"{self.name}.provenance.json")
 
     def is_current(self) -> bool:
-        if self.main_variant:
-            return artifacts.is_current(self.root, "damsm", params=self.params(),
-                                        inputs=self.inputs())
-        return _variant_is_current(self.root, self.record, self.params(), self.inputs())
+        return self._recorded_current()
 
     def describe(self) -> str:
         from cpgan.trainer.damsm import describe_metrics, pretrained_summary
@@ -253,14 +308,7 @@ class DamsmJob:
                              memory, detector, self.inception_weights, device=device,
                              resume=resume, limit=self.limit, val_limit=self.val_limit,
                              num_workers=workers)
-        summary = result.summary()
-        if self.main_variant:
-            artifacts.write_record(self.root, "damsm", config=self.run.config.to_dict(),
-                                   params=self.params(), inputs=self.inputs(),
-                                   outputs=[self.model], summary=summary)
-        else:
-            _write_variant_record(self.root, self.record, self.run.config.to_dict(),
-                                  self.params(), self.inputs(), [self.model], summary)
+        self._write_record([self.model], result.summary())
         minutes, seconds = divmod(int(result.seconds + 0.5), 60)
         click.echo(f"damsm [{self.name}]: {result.epochs} epochs on {result.train_images} "
                    f"train images ({result.skipped_images} skipped) in {minutes}m{seconds:02d}s; "
@@ -281,8 +329,10 @@ class GanOptions:
     workers: int
 
 
-class GanJob:
+class GanJob(_TrainingJob):
     """The gan stage of one invocation: resolved inputs, provenance, training."""
+
+    stage = "gan"
 
     def __init__(self, run: RunContext, memory_path: Path | None,
                  switches: tuple[bool, bool, bool], detector_weights: Path | None,
@@ -290,30 +340,14 @@ class GanJob:
         from cpgan.trainer.damsm import model_path
         from cpgan.trainer.gan import Switches, check_run_name, run_dir
 
-        self.run, self.root, self.options = run, run.artifacts, options
         self.switches = Switches(*switches)
         use_memory, use_objects = self.switches.use_memory, self.switches.use_objects
+        super().__init__(run, memory_path, use_memory, use_objects, detector_weights,
+                         inception_weights)
+        self.options = options
         self.name = check_run_name(options.name or self.switches.name)
         self.folder = run_dir(self.root, self.name)
         self.encoders = model_path(self.root / "models", use_memory, use_objects)
-        self.memory_path = (memory_path or self.root / "memory.h5") if use_memory else None
-        self.detector_weights = ((detector_weights or self.root / "models" / "detector.pt")
-                                 if use_objects else None)
-        self.detector_cfg = run.project_path(run.config.detector.cfg) if use_objects else None
-        self.inception_weights = inception_weights
-        self.vocab_path = self.root / "vocab.json"
-        self._check_inputs_exist()
-
-    def _check_inputs_exist(self) -> None:
-        """Fail before any work on a missing file (the encoders may come from 'all')."""
-        if not self.vocab_path.is_file():
-            raise CpganError(f"{self.vocab_path}: vocabulary not found (run 'cpgan-prep vocab')")
-        if self.memory_path is not None and not self.memory_path.is_file():
-            raise CpganError(f"{self.memory_path}: memory bank not found (run 'cpgan-prep "
-                             "build-memory', pass --memory, or train the --no-memory ablation)")
-        if self.detector_weights is not None and not self.detector_weights.is_file():
-            raise CpganError(f"{self.detector_weights}: detector weights not found (run "
-                             "'cpgan-prep train-detector' or pass --detector-weights)")
 
     # -------------------------------------------------------------------------- provenance
 
@@ -325,20 +359,11 @@ class GanJob:
                 "gan": dataclasses.asdict(config.gan),
                 "encoder": dataclasses.asdict(config.encoder),
                 "max_caption_words": config.data.max_caption_words, "seed": config.seed,
-                "detector": ({k: getattr(config.detector, k) for k in
-                              ("feature_layer", "num_regions", "score_threshold", "nms_iou")}
-                             if self.switches.use_objects else None),
+                "detector": self._detector_params(),
                 "limit": self.options.limit, "processes": distributed_from_env().world_size}
 
     def inputs(self) -> list[Path]:
-        from cpgan.pipeline.coco import annotation_file
-
-        coco = self.run.coco_root
-        files = [annotation_file(coco, "captions", "train2014"),
-                 annotation_file(coco, "captions", "val2014"), self.vocab_path, self.encoders]
-        files += [p for p in (self.memory_path, self.detector_weights, self.detector_cfg,
-                              self.inception_weights) if p is not None]
-        return files
+        return self._inputs(self.encoders)
 
     def outputs(self) -> list[Path]:
         from cpgan.trainer.gan import checkpoint_file, metrics_file
@@ -356,12 +381,7 @@ class GanJob:
         return self.folder / "gan.provenance.json"
 
     def is_current(self) -> bool:
-        if not self.encoders.is_file():
-            return False
-        if self.main_variant:
-            return artifacts.is_current(self.root, "gan", params=self.params(),
-                                        inputs=self.inputs())
-        return _variant_is_current(self.root, self.record, self.params(), self.inputs())
+        return self.encoders.is_file() and self._recorded_current()
 
     def describe(self) -> str:
         from cpgan.trainer.gan import metrics_file
@@ -394,15 +414,7 @@ class GanJob:
                            log_every=o.log_every, num_workers=o.workers)
         if not distributed_from_env().is_main:
             return
-        summary = result.summary()
-        if self.main_variant:
-            artifacts.write_record(self.root, "gan", config=self.run.config.to_dict(),
-                                   params=self.params(), inputs=self.inputs(),
-                                   outputs=self.outputs(), summary=summary)
-        else:
-            _write_variant_record(self.root, self.record, self.run.config.to_dict(),
-                                  self.params(), self.inputs(), self.outputs(), summary,
-                                  stage="gan")
+        self._write_record(self.outputs(), result.summary())
         minutes, seconds = divmod(int(result.seconds + 0.5), 60)
         losses = describe_losses(result.metrics) if result.metrics else "no step trained"
         click.echo(f"gan [{self.name}]: {result.epochs} epochs ({result.steps} steps, "
