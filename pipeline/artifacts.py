@@ -8,6 +8,7 @@ looks finished (temporary names start with ``.tmp-`` and are swept on the next r
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -17,6 +18,19 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 TMP_PREFIX = ".tmp-"
+LOCK_NAME = ".lock"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+"""The process's umask, read once: finished files get the permissions a plain ``open`` would
+give them (``tempfile`` creates its files 0600 and folders 0700, which would keep artifacts
+from the other users of a shared cluster filesystem)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -44,6 +58,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{target.name}.", dir=target.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -80,6 +95,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise FileExistsError(f"{target}: already exists")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}.", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
         for root, _dirs, files in os.walk(tmp):
@@ -91,6 +107,32 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, stage: str) -> Iterator[None]:
+    """Hold ``folder`` for one run of ``stage``; a second run on the same folder fails at once.
+
+    Two runs writing one folder (``detect`` for train2014 and val2014 started together on the
+    same regions/) would sweep each other's temporaries and race on the shared index. The lock
+    is an ``flock`` on ``<folder>/.lock``: the kernel releases it when the holder exits, however
+    it exits, so a killed run never leaves the folder locked.
+    """
+    from cpgan.errors import CpganError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_NAME, "a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CpganError(f"{folder}: another run is writing this folder (locked); run "
+                             f"{stage} for one split at a time, or wait for the other run "
+                             "to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def sweep_temporaries(folder: str | os.PathLike, prefix: str = "") -> list[Path]:

@@ -44,7 +44,12 @@ from cpgan.errors import CpganError
 from cpgan.model.butd import BOS_ID, EOS_ID, PAD_ID, salient_regions
 from cpgan.pipeline import regions as store
 from cpgan.pipeline.attention_table import ATTENTION_SCHEMA
-from cpgan.pipeline.artifacts import atomic_write, atomic_write_text, sweep_temporaries
+from cpgan.pipeline.artifacts import (
+    atomic_write,
+    atomic_write_text,
+    folder_lock,
+    sweep_temporaries,
+)
 from cpgan.pipeline.categories import HIT_IOU, category_words, region_hits
 from cpgan.pipeline.cluster import run_tasks
 from cpgan.pipeline.coco import CocoSplit
@@ -290,7 +295,14 @@ def attend(split: CocoSplit, vocab: Vocabulary, settings: AttendSettings, region
     """
     # the workers of a --scheduler cluster have another cwd: they get absolute paths
     regions_dir, out_dir = Path(regions_dir).resolve(), Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out_dir, "attend"):
+        return _attend(split, vocab, settings, regions_dir, out_dir, limit=limit,
+                       workers=workers, scheduler=scheduler, progress=progress)
+
+
+def _attend(split: CocoSplit, vocab: Vocabulary, settings: AttendSettings, regions_dir: Path,
+            out_dir: Path, *, limit: int | None, workers: int, scheduler: str | None,
+            progress: bool) -> tuple[dict[str, Any], list[Path], Path | None]:
     sweep_temporaries(out_dir)
     shards, counts = plan_split(regions_dir, split, vocab, settings.max_words, limit)
     load_captioner(settings.captioner, len(vocab), counts["feature_dim"])  # fail here, once

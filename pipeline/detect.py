@@ -26,7 +26,7 @@ import torch
 from cpgan import __version__
 from cpgan.errors import CpganError
 from cpgan.pipeline import regions as store
-from cpgan.pipeline.artifacts import fingerprint, sweep_temporaries
+from cpgan.pipeline.artifacts import fingerprint, folder_lock, sweep_temporaries
 from cpgan.pipeline.cluster import run_tasks
 from cpgan.pipeline.coco import CocoSplit, iter_images
 
@@ -283,7 +283,14 @@ def detect(split: CocoSplit, settings: DetectSettings, out_dir: Path, *, shard_s
            progress: bool = True) -> tuple[dict[str, Any], list[Path]]:
     """Run the stage for one split; returns a summary and the split's shard paths."""
     out_dir = Path(out_dir).resolve()  # workers of a --scheduler cluster have another cwd
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out_dir, "detect"):
+        return _detect(split, settings, out_dir, shard_size=shard_size, limit=limit,
+                       workers=workers, scheduler=scheduler, progress=progress)
+
+
+def _detect(split: CocoSplit, settings: DetectSettings, out_dir: Path, *, shard_size: int,
+            limit: int | None, workers: int, scheduler: str | None,
+            progress: bool) -> tuple[dict[str, Any], list[Path]]:
     sweep_temporaries(out_dir)
     image_ids = split.image_ids()[:limit] if limit else split.image_ids()
     shards = plan_shards(image_ids, shard_size)

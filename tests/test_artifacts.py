@@ -98,3 +98,46 @@ def test_touch_without_change_stays_done(tmp_path: Path):
     _run_stage(root, source, {})
     os.utime(source, ns=(1, 1))  # mtime changes, content does not: rehash says unchanged
     assert artifacts.stage_state(root, "vocab") == ("done", "")
+
+
+def test_finished_files_and_trees_get_the_umask_permissions_not_tempfiles_0600(tmp_path):
+    """Artifacts on a shared cluster filesystem must be readable by the other users' workers:
+    tempfile makes files 0600 and folders 0700, a plain open would not."""
+    mask = os.umask(0o022)
+    try:
+        artifacts.atomic_write_text(tmp_path / "a.json", "{}")
+        with artifacts.atomic_dir(tmp_path / "tree") as tree:
+            (tree / "x").write_text("x")
+    finally:
+        os.umask(mask)
+    expected = 0o666 & ~artifacts._UMASK
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == expected
+    assert (tmp_path / "tree").stat().st_mode & 0o777 == 0o777 & ~artifacts._UMASK
+    assert expected & 0o044  # group and others can read under the usual umask
+
+
+def test_a_second_run_on_a_locked_folder_fails_at_once_and_the_lock_dies_with_its_holder(
+        tmp_path):
+    from cpgan.errors import CpganError
+
+    folder = tmp_path / "regions"
+    with artifacts.folder_lock(folder, "detect"):
+        with pytest.raises(CpganError, match=r"regions: another run is writing this folder \(locked\); run detect"):
+            with artifacts.folder_lock(folder, "detect"):
+                pass
+    with artifacts.folder_lock(folder, "detect"):  # released on exit
+        pass
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from cpgan.pipeline import artifacts\n"
+         f"with artifacts.folder_lock({str(folder)!r}, 'attend'):\n"
+         "    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CpganError, match="another run is writing"):
+            with artifacts.folder_lock(folder, "detect"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with artifacts.folder_lock(folder, "detect"):  # a killed holder leaves nothing locked
+        pass

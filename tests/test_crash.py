@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import pytest
 
 from cpgan.cli.prep import main as prep_main
+from cpgan.pipeline.artifacts import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_crash", ROOT / "bench" / "crash.py")
@@ -181,7 +182,7 @@ def _after_first_write(folder: Path, rng: random.Random, spread: float):
     def kill_when(_process, elapsed: float) -> bool:
         if state["first"] is None and folder.is_dir() and any(
                 p.name.startswith(crash.TMP_PREFIX) or p.name not in state["known"]
-                for p in folder.iterdir()):
+                for p in folder.iterdir() if p.name != LOCK_NAME):
             state["first"] = elapsed
         return state["first"] is not None and elapsed >= state["first"] + state["delay"]
 
