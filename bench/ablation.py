@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from results_file import replace_block
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 BEGIN = "<!-- ablation table: bench/ablation.py writes between these markers -->"
@@ -147,17 +149,6 @@ def table(rows: list[tuple[Variant, dict]], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: Path, block: str) -> None:
-    """Replace the marked block of ``path`` (append it when the file has none)."""
-    text = path.read_text() if path.is_file() else "# Results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifacts", type=Path, default=ROOT / "artifacts")
@@ -172,7 +163,7 @@ def main() -> None:
     rows = [(variant, ablate(variant, artifacts, scorer, args.threads)) for variant in VARIANTS]
     command = "python bench/ablation.py " + " ".join(
         shlex.quote(a) for a in sys.argv[1:])
-    write_results(args.results, table(rows, command.strip()))
+    replace_block(args.results, BEGIN, END, table(rows, command.strip()))
     print(f"ablation table -> {args.results}")
 
 
