@@ -27,13 +27,12 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from cpgan.cli.prep import main as prep_main
-from cpgan.model.darknet import Darknet, write_weights
 from cpgan.pipeline.toy import generate_toy_coco
 
-CFG = Path(__file__).resolve().parent.parent / "configs" / "darknet" / "yolov3-toy.cfg"
+from builders import write_random_weights
+
 DASK = Path(sys.executable).parent / "dask"
 TINY_CAPTIONER = "[attention]\nembed_dim = 16\nhidden_dim = 32\nattention_dim = 16\nepochs = 1\n"
 BOOT_SECONDS = 120
@@ -134,9 +133,7 @@ def runs(tmp_path_factory, external_cluster, local_cluster) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     coco = generate_toy_coco(root / "coco", train_images=7, val_images=3, image_size=64, seed=5,
                              progress=False)
-    torch.manual_seed(0)
-    weights = root / "random.weights"
-    write_weights(Darknet.from_cfg_file(CFG), weights)
+    weights = write_random_weights(root / "random.weights", seed=0)
     (root / "tiny.toml").write_text(TINY_CAPTIONER)
     local, remote = root / "local", root / "remote"
     common = ["--coco-root", str(coco), "--config", str(root / "tiny.toml")]

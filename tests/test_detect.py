@@ -17,7 +17,8 @@ from cpgan.model.darknet import Darknet, write_weights
 from cpgan.pipeline.regions import INDEX_SCHEMA, RegionShard
 from cpgan.pipeline.toy import generate_toy_coco
 
-CFG = Path(__file__).resolve().parent.parent / "configs" / "darknet" / "yolov3-toy.cfg"
+from builders import CFG, write_random_weights
+
 TRAIN_IMAGES = 24
 
 
@@ -26,9 +27,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("detect")
     coco = generate_toy_coco(root / "coco", train_images=TRAIN_IMAGES, val_images=4, seed=3,
                              progress=False)
-    torch.manual_seed(0)
-    weights = root / "random.weights"
-    write_weights(Darknet.from_cfg_file(CFG), weights)
+    weights = write_random_weights(root / "random.weights", seed=0)
     return {"root": root, "coco": coco, "weights": weights}
 
 

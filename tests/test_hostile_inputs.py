@@ -37,14 +37,14 @@ import pytest
 import torch
 
 from cpgan.cli.prep import main as prep_main
-from cpgan.model.darknet import Darknet, write_weights
 from cpgan.pipeline import regions as store
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.memory import load_memory
 from cpgan.pipeline.text import SPECIALS, Vocabulary, tokenize
 from cpgan.pipeline.toy import generate_toy_coco
 
-CFG = Path(__file__).resolve().parent.parent / "configs" / "darknet" / "yolov3-toy.cfg"
+from builders import CFG, write_random_weights
+
 MAX_WORDS = 8
 TINY = (f"[data]\nmax_caption_words = {MAX_WORDS}\n[detector]\nshard_size = 6\n"
         "train_epochs = 1\ntrain_batch_size = 4\n"
@@ -205,9 +205,7 @@ def hostile(tmp_path_factory, cluster) -> dict[str, Any]:
     coco = generate_toy_coco(root / "coco", train_images=TRAIN_IMAGES, val_images=2,
                              image_size=64, seed=11, progress=False)
     _make_hostile(coco)
-    torch.manual_seed(0)
-    weights = root / "random.weights"
-    write_weights(Darknet.from_cfg_file(CFG), weights)
+    weights = write_random_weights(root / "random.weights", seed=0)
     (root / "tiny.toml").write_text(TINY)
     artifacts = root / "artifacts"
     common = ["--artifacts", str(artifacts), "--coco-root", str(coco),

@@ -11,8 +11,6 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -27,11 +25,13 @@ from cpgan.model.darknet import Darknet
 from cpgan.model.discriminator import Discriminators
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.memory import BOX_COLUMNS, MEMORY_INDEX_SCHEMA
-from cpgan.pipeline.text import Vocabulary, build_vocabulary
+from cpgan.pipeline.text import Vocabulary
 from cpgan.pipeline.toy import generate_toy_coco
-from cpgan.trainer import damsm, sampling
+from cpgan.trainer import sampling
 
-CFG = Path(__file__).resolve().parent.parent / "configs" / "darknet" / "yolov3-toy.cfg"
+from builders import random_detector, random_memory, toy_vocabulary, write_encoder_file, \
+    write_memory_file
+
 MEMORY_DIM = 8
 TINY = """
 [encoder]
@@ -69,18 +69,9 @@ class Setup:
 def write_memory(artifacts: Path, vocab: Vocabulary, coco: Path) -> torch.Tensor:
     """memory.h5 and memory_index.parquet in the DESIGN §3 layout, random values; every word
     gets one region (the first train image's first instance box) so crops can be drawn."""
-    memory = torch.randn(len(vocab), MEMORY_DIM, generator=torch.Generator().manual_seed(5))
-    memory[:4] = 0
-    support = np.where(np.arange(len(vocab)) >= 4, 1, 0).astype(np.int32)
-    with h5py.File(artifacts / "memory.h5", "w") as f:
-        f.create_dataset("memory", data=memory.numpy())
-        f.create_dataset("words", data=np.asarray(vocab.tokens, dtype=object),
-                         dtype=h5py.string_dtype("utf-8"))
-        f.create_dataset("support", data=support)
-        f.create_dataset("relevant", data=support.copy())
-        f.attrs["topk"] = 1
-        f.attrs["feature_dim"] = MEMORY_DIM
-        f.attrs["split"] = "train2014"
+    memory = random_memory(len(vocab), MEMORY_DIM, seed=5)
+    write_memory_file(artifacts / "memory.h5", vocab, memory, topk=1, relevant=1,
+                      split="train2014")  # every word but the specials: support 1
     split = CocoSplit.open(coco, "train2014")
     image_id = split.image_ids()[0]
     x, y, w, h = split.instances(image_id)[0]["bbox"]
@@ -98,8 +89,7 @@ def write_memory(artifacts: Path, vocab: Vocabulary, coco: Path) -> torch.Tensor
 
 def write_detector(artifacts: Path, coco: Path) -> Darknet:
     """A random yolov3-toy detector saved as train-detector's models/detector.pt."""
-    torch.manual_seed(11)
-    detector = Darknet.from_cfg_file(CFG).eval().requires_grad_(False)
+    detector = random_detector(seed=11)
     categories = CocoSplit.open(coco, "val2014").categories()
     state = {"state_dict": {k: v.clone() for k, v in detector.state_dict().items()},
              "category_ids": sorted(categories), "class_names": list(categories.values()),
@@ -107,23 +97,6 @@ def write_detector(artifacts: Path, coco: Path) -> Darknet:
     (artifacts / "models").mkdir(parents=True, exist_ok=True)
     torch.save(state, artifacts / "models" / "detector.pt")
     return detector
-
-
-def write_encoders(artifacts: Path, config: Config, vocab: Vocabulary, memory: torch.Tensor,
-                   detector: Darknet | None) -> str:
-    """Untrained MATE + OAIE saved in trainer/damsm.py's encoder-file format."""
-    torch.manual_seed(12)
-    regions = damsm.region_settings(detector, config.detector) if detector is not None else None
-    extractor = damsm.build_region_extractor(detector, regions) if detector is not None else None
-    text = damsm.build_text_encoder(len(vocab), config.encoder, memory)
-    image = damsm.build_image_encoder(config.encoder, extractor)
-    record = damsm.encoder_record(len(vocab), config.encoder, text, image, regions)
-    path = damsm.model_path(artifacts / "models", True, detector is not None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": damsm.FORMAT, "text_encoder": damsm.text_state(text),
-                "image_encoder": {k: v.clone() for k, v in image.learned_state_dict().items()},
-                "config": record, "metrics": {}}, path)
-    return str(path.relative_to(artifacts))
 
 
 def checkpoint_payload(config: Config, vocab: Vocabulary, encoders: str, use_objects: bool,
@@ -154,12 +127,11 @@ def make_setup(root: Path, *, objects: bool, val_images: int = 8) -> Setup:
     artifacts.mkdir()
     (root / "tiny.toml").write_text(TINY)
     config = load_config("toy", root / "tiny.toml")
-    split = CocoSplit.open(coco, "train2014")
-    vocab = build_vocabulary(t for i in split.image_ids() for _, t in split.captions(i))
-    vocab.save(artifacts / "vocab.json")
+    vocab = toy_vocabulary(coco, save_to=artifacts / "vocab.json")
     memory = write_memory(artifacts, vocab, coco)
     detector = write_detector(artifacts, coco) if objects else None
-    encoders = write_encoders(artifacts, config, vocab, memory, detector)
+    encoders = str(write_encoder_file(artifacts / "models", vocab, config, memory, detector,
+                                      seed=12).relative_to(artifacts))
     checkpoint = artifacts / "runs" / "cpgan" / "checkpoint.pt"
     checkpoint.parent.mkdir(parents=True)
     torch.save(checkpoint_payload(config, vocab, encoders, objects), checkpoint)

@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 
 from cpgan.config import load_config
-from cpgan.pipeline.coco import CocoSplit
-from cpgan.pipeline.text import build_vocabulary
 from cpgan.pipeline.toy import generate_toy_coco
-from cpgan.trainer import damsm, gan
+from cpgan.trainer import gan
+
+from builders import toy_vocabulary, write_encoder_file
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -53,19 +53,10 @@ def artifacts_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("torchrun")
     coco = generate_toy_coco(root / "toy-coco", train_images=12, val_images=4, image_size=64,
                              seed=5, progress=False)
-    split = CocoSplit.open(coco, "train2014")
-    vocab = build_vocabulary(t for i in split.image_ids() for _, t in split.captions(i))
-    vocab.save(root / "vocab.json")
+    vocab = toy_vocabulary(coco, save_to=root / "vocab.json")
     (root / "tiny.toml").write_text(TINY)
     config = load_config("toy", root / "tiny.toml")
-    text = damsm.build_text_encoder(len(vocab), config.encoder, None)
-    image = damsm.build_image_encoder(config.encoder, None)
-    path = damsm.model_path(root / "models", use_memory=False, use_objects=False)
-    path.parent.mkdir()
-    torch.save({"format": damsm.FORMAT, "text_encoder": damsm.text_state(text),
-                "image_encoder": image.learned_state_dict(),
-                "config": damsm.encoder_record(len(vocab), config.encoder, text, image, None),
-                "metrics": {}}, path)
+    write_encoder_file(root / "models", vocab, config)  # no memory, no detector
     return root
 
 

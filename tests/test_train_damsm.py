@@ -1,8 +1,6 @@
 """DAMSM pretraining of MATE + OAIE, the encoder file and ``cpgan-train`` on a tiny toy set."""
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 import torch
 from tqdm import tqdm
@@ -14,12 +12,12 @@ from cpgan.config import load_config
 from cpgan.errors import CpganError
 from cpgan.model.darknet import Darknet, write_weights
 from cpgan.pipeline.coco import CocoSplit
-from cpgan.pipeline.text import build_vocabulary
 from cpgan.pipeline.toy import generate_toy_coco
 from cpgan.trainer import damsm
 from cpgan.trainer.data import TextImageDataset, collate
 
-CFG = Path(__file__).resolve().parent.parent / "configs" / "darknet" / "yolov3-toy.cfg"
+from builders import CFG, random_detector, random_memory, toy_vocabulary, write_memory_file
+
 MEMORY_DIM = 8
 TINY = """
 [encoder]
@@ -38,31 +36,14 @@ def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("damsm")
     coco = generate_toy_coco(root / "coco", train_images=16, val_images=8, image_size=64,
                              seed=2, progress=False)
-    split = CocoSplit.open(coco, "train2014")
-    vocab = build_vocabulary(t for i in split.image_ids() for _, t in split.captions(i))
-    vocab.save(root / "vocab.json")
-    torch.manual_seed(0)
-    detector = Darknet.from_cfg_file(CFG).eval().requires_grad_(False)
+    vocab = toy_vocabulary(coco, save_to=root / "vocab.json")
+    detector = random_detector(seed=0)
     write_weights(detector, root / "random.weights")
-    memory = torch.randn(len(vocab), MEMORY_DIM)
-    memory[:4] = 0  # specials get no memory, as the bank builder leaves them
+    memory = random_memory(len(vocab), MEMORY_DIM)  # global RNG, right after the detector
     (root / "tiny.toml").write_text(TINY)
     config = load_config("toy", root / "tiny.toml")
     return {"root": root, "coco": coco, "vocab": vocab, "detector": detector,
             "memory": memory, "config": config}
-
-
-def write_memory_file(path: Path, vocab, memory: torch.Tensor, topk: int = 5) -> None:
-    """A memory.h5 in the DESIGN §3 layout (what 'cpgan-prep build-memory' writes)."""
-    relevant = np.where(memory.abs().sum(1).numpy() > 0, 7, 0).astype(np.int32)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("memory", data=memory.numpy().astype(np.float32))
-        f.create_dataset("words", data=np.asarray(vocab.tokens, dtype=object),
-                         dtype=h5py.string_dtype("utf-8"))
-        f.create_dataset("support", data=np.minimum(relevant, topk).astype(np.int32))
-        f.create_dataset("relevant", data=relevant)
-        f.attrs["topk"] = topk
-        f.attrs["feature_dim"] = memory.shape[1]
 
 
 def _train(setup, out: Path, epochs: int, resume: bool = False, **kw):

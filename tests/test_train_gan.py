@@ -7,8 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,16 +20,17 @@ from cpgan.model.discriminator import (
     FineGrainedConditionalDiscriminator,
     SentenceConditionalDiscriminator,
 )
-from cpgan.model.darknet import Darknet, write_weights
+from cpgan.model.darknet import write_weights
 from cpgan.model.generator import Generator
 from cpgan.pipeline import artifacts
 from cpgan.pipeline.coco import CocoSplit
-from cpgan.pipeline.text import build_vocabulary
 from cpgan.pipeline.toy import generate_toy_coco
 from cpgan.trainer import damsm, gan
 from cpgan.trainer.data import TextImageDataset, collate, epoch_order
 
-CFG = Path(__file__).resolve().parent.parent / "configs" / "darknet" / "yolov3-toy.cfg"
+from builders import random_detector, random_memory, toy_vocabulary, write_encoder_file, \
+    write_memory_file
+
 MEMORY_DIM = 8
 TINY = """
 [encoder]
@@ -61,56 +60,23 @@ CONTRACT_KEYS = {"format", "kind", "config", "switches", "encoders", "memory", "
 OFF = gan.Switches(False, False, False)
 
 
-def write_memory_file(path: Path, vocab, memory: torch.Tensor, topk: int = 5) -> None:
-    """A memory.h5 in the DESIGN §3 layout (what 'cpgan-prep build-memory' writes)."""
-    relevant = np.where(memory.abs().sum(1).numpy() > 0, 7, 0).astype(np.int32)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("memory", data=memory.numpy().astype(np.float32))
-        f.create_dataset("words", data=np.asarray(vocab.tokens, dtype=object),
-                         dtype=h5py.string_dtype("utf-8"))
-        f.create_dataset("support", data=np.minimum(relevant, topk).astype(np.int32))
-        f.create_dataset("relevant", data=relevant)
-        f.attrs["topk"] = topk
-        f.attrs["feature_dim"] = memory.shape[1]
-
-
-def write_encoder_file(models: Path, vocab, config, memory, detector, use_memory: bool,
-                       use_objects: bool) -> Path:
-    """Untrained MATE + OAIE saved exactly as train_damsm saves its result."""
-    regions = damsm.region_settings(detector, config.detector) if use_objects else None
-    extractor = damsm.build_region_extractor(detector, regions) if use_objects else None
-    text = damsm.build_text_encoder(len(vocab), config.encoder, memory if use_memory else None)
-    image = damsm.build_image_encoder(config.encoder, extractor)
-    path = damsm.model_path(models, use_memory, use_objects)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": damsm.FORMAT, "text_encoder": damsm.text_state(text),
-                "image_encoder": image.learned_state_dict(),
-                "config": damsm.encoder_record(len(vocab), config.encoder, text, image, regions),
-                "metrics": {}}, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("gan")
     coco = generate_toy_coco(root / "coco", train_images=12, val_images=4, image_size=64,
                              seed=3, progress=False)
-    split = CocoSplit.open(coco, "train2014")
-    vocab = build_vocabulary(t for i in split.image_ids() for _, t in split.captions(i))
-    vocab.save(root / "vocab.json")
-    torch.manual_seed(0)
-    detector = Darknet.from_cfg_file(CFG).eval().requires_grad_(False)
+    vocab = toy_vocabulary(coco, save_to=root / "vocab.json")
+    detector = random_detector(seed=0)
     (root / "models").mkdir()
     write_weights(detector, root / "models" / "detector.weights")
-    memory = torch.randn(len(vocab), MEMORY_DIM)
-    memory[:4] = 0
+    memory = random_memory(len(vocab), MEMORY_DIM)  # global RNG, right after the detector
     write_memory_file(root / "memory.h5", vocab, memory)
     (root / "tiny.toml").write_text(TINY)
     config = load_config("toy", root / "tiny.toml")
     for use_memory in (True, False):
         for use_objects in (True, False):
-            write_encoder_file(root / "models", vocab, config, memory, detector, use_memory,
-                               use_objects)
+            write_encoder_file(root / "models", vocab, config, memory if use_memory else None,
+                               detector if use_objects else None)
     return {"root": root, "coco": coco, "vocab": vocab, "detector": detector,
             "config": config}
 
