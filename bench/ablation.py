@@ -4,18 +4,22 @@ Each variant is the same GAN trainer with the other modules switched off (``--no
 ``--no-oaie``, ``--no-fgcd``), trained with the toy preset's budget and seed through
 ``cpgan-train --stage all`` (which first pretrains the DAMSM encoders that variant's TISCL
 needs, ``models/damsm[-no-memory][-no-oaie].pt``), then scored by ``cpgan-eval`` on the toy
-val pairs. Every variant's R-precision is measured with the *same* encoders, the full
-model's ``models/damsm.pt`` (``cpgan-eval --rprecision-encoders``): each variant's own encoders
-would grade their own generator's images, and their numbers could not be set side by side.
-IS and FID use the toy classifier, SOA-C the toy detector, as in ``make demo``.
+val pairs. Every variant's R-precision is measured with the *same* encoders
+(``cpgan-eval --rprecision-encoders``), and those are an independent ruler: DAMSM encoders
+(memory and objects on) trained here with another seed (config seed + 1) and twice the
+preset's epochs, in ``<artifacts>/ablation/ruler/``. A variant's own encoders would grade
+their own generator's images, and even one shared file that some variants trained against
+would favour those: TISCL (Eq. 6) pushes the generator towards exactly the similarity that
+R-precision ranks. ``--scorer FILE`` uses another encoder file instead. IS and FID use the
+toy classifier, SOA-C the toy detector, as in ``make demo``.
 
 Run it on the artifacts of a finished ``make demo`` (the prep stages, the main DAMSM, the
 classifier and the full CPGAN run are reused, not retrained)::
 
     .venv/bin/python bench/ablation.py --artifacts artifacts [--results RESULTS.md]
 
-Everything it makes goes under ``<artifacts>/ablation/<variant>/`` (report.json, index.html)
-and ``<artifacts>/runs/<run>/``; a rerun skips finished variants (training and evaluation both
+Everything it makes goes under ``<artifacts>/ablation/`` (the ruler, and report.json and
+index.html per variant) and ``<artifacts>/runs/<run>/``; a rerun skips finished variants (training and evaluation both
 resume), so a killed ablation loses nothing. The table, with the command and the wall time of
 each variant, replaces the block between the markers in RESULTS.md.
 """
@@ -25,6 +29,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -67,6 +72,31 @@ VARIANTS = (
     Variant("+FGCD", False, False, True),
     Variant("CPGAN", True, True, True),
 )
+
+
+RULER_SEED_OFFSET = 1
+RULER_EPOCH_FACTOR = 2
+
+
+def train_ruler(artifacts: Path) -> Path:
+    """The independent R-precision ruler (see the module doc): its own artifacts folder holding
+    copies of the vocabulary, memory bank and detector it is trained with, the same toy COCO.
+    ``cpgan-train`` skips it when it is already up to date."""
+    from cpgan.config import load_config
+
+    folder = artifacts / "ablation" / "ruler"
+    (folder / "models").mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.json", "memory.h5", "models/detector.pt"):
+        source, target = artifacts / name, folder / name
+        if not target.is_file() or target.read_bytes() != source.read_bytes():
+            shutil.copyfile(source, target)
+    preset = load_config("toy")
+    config = folder / "ruler.toml"
+    config.write_text(f"seed = {preset.seed + RULER_SEED_OFFSET}\n\n[encoder]\n"
+                      f"epochs = {preset.encoder.epochs * RULER_EPOCH_FACTOR}\n")
+    run_command([str(BIN / "cpgan-train"), "--stage", "damsm", "--artifacts", str(folder),
+                 "--coco-root", str(artifacts / "toy-coco"), "--config", str(config)])
+    return folder / "models" / "damsm.pt"
 
 
 def run_command(command: list[str]) -> float:
@@ -121,6 +151,12 @@ def _metric(block: dict, key: str) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _short(path: str) -> str:
+    """A scorer path from ``ablation/`` on when it lies in an artifacts folder."""
+    parts = Path(path).parts
+    return str(Path(*parts[parts.index("ablation"):])) if "ablation" in parts else path
+
+
 def table(rows: list[tuple[Variant, dict]], command: str) -> str:
     """The RESULTS.md block: one row a variant, plus the real and untrained references."""
     lines = [BEGIN, "", f"Made by `{command}`.", "",
@@ -141,7 +177,7 @@ def table(rows: list[tuple[Variant, dict]], command: str) -> str:
                      f"{_metric(b, 'soa_i')} | {b['fid']:.1f} | {_metric(b, 'inception_score')} | |")
     config = reference["config"]
     lines += ["", f"{config['num_images']} toy val pairs per variant, seed {config['seed']}; "
-              f"R-precision scored by `{Path(config['r_precision_encoders']).name}` for every "
+              f"R-precision scored by `{_short(config['r_precision_encoders'])}` for every "
               "variant (100 candidates, 10 folds); IS and FID by the toy classifier; SOA by the "
               "toy detector. Wall seconds (train + eval, this run; 0 = reused): "
               + ", ".join(f"{v.label} {r['seconds']['train']:.0f} + {r['seconds']['eval']:.0f}"
@@ -155,11 +191,16 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "RESULTS.md")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads of the evaluations (training: OMP_NUM_THREADS)")
+    parser.add_argument("--scorer", type=Path, default=None,
+                        help="DAMSM encoders that score every variant's R-precision (default: "
+                        "an independent ruler trained under <artifacts>/ablation/ruler)")
     args = parser.parse_args()
     artifacts = args.artifacts.resolve()
-    scorer = artifacts / "models" / "damsm.pt"
+    if not (artifacts / "models" / "damsm.pt").is_file():
+        sys.exit(f"{artifacts}: no finished demo; run 'make demo ARTIFACTS={args.artifacts}' first")
+    scorer = args.scorer.resolve() if args.scorer else train_ruler(artifacts)
     if not scorer.is_file():
-        sys.exit(f"{scorer}: missing; run 'make demo ARTIFACTS={args.artifacts}' first")
+        sys.exit(f"{scorer}: missing")
     rows = [(variant, ablate(variant, artifacts, scorer, args.threads)) for variant in VARIANTS]
     command = "python bench/ablation.py " + " ".join(
         shlex.quote(a) for a in sys.argv[1:])

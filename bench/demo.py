@@ -71,7 +71,8 @@ def read_log(log: Path) -> list[dict]:
 
 def table(first: list[dict], first_total: float, rerun_total: float, commit: str) -> str:
     stages = sum(entry["seconds"] for entry in first)
-    lines = [BEGIN, "", f"Made by `python bench/demo.py` on commit `{commit}` (fresh clone, "
+    command = shlex.join(["python", "bench/demo.py", *sys.argv[1:]])
+    lines = [BEGIN, "", f"Made by `{command}` on commit `{commit}` (fresh clone, "
              f"{os.cpu_count()} cores, nothing else running).", "",
              "| stage | seconds | what it printed |", "|---|---|---|"]
     for entry in first:

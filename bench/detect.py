@@ -11,6 +11,7 @@ Fixed costs (cluster start, model load) are removed by timing two runs of differ
 and dividing the image difference by the time difference.
 
     .venv/bin/python bench/detect.py [--images 24] [--workdir /tmp/cpgan-bench-detect]
+    .venv/bin/python bench/detect.py --machine-scaling   # the cores' own 2-vs-1 ceiling
 """
 from __future__ import annotations
 
@@ -81,6 +82,36 @@ def conv_gflops_per_second(seconds: float = 3.0) -> float:
     return count * flops / (time.perf_counter() - start) / 1e9
 
 
+def _probe_worker(seconds: float, start_at: float, results) -> None:
+    while time.time() < start_at:  # start both probes together
+        time.sleep(0.001)
+    results.put(conv_gflops_per_second(seconds))
+
+
+def machine_scaling(seconds: float = 5.0) -> dict[str, float]:
+    """The hardware's own 2-vs-1 ceiling for the detector's kernel: the one-thread conv probe
+    in one process alone, then in two processes at once (summed). No software scales two
+    workers beyond this ratio on these cores (shared caches, memory bandwidth, or two vCPUs
+    that are not two whole physical cores)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    rates = {}
+    for count in (1, 2):
+        results = context.Queue()
+        start_at = time.time() + 3.0  # after the spawned interpreters have imported torch
+        processes = [context.Process(target=_probe_worker, args=(seconds, start_at, results))
+                     for _ in range(count)]
+        for process in processes:
+            process.start()
+        rates[count] = [results.get() for _ in processes]
+        for process in processes:
+            process.join()
+    return {"one_process_gflops_per_s": round(rates[1][0], 1),
+            "two_processes_gflops_per_s": [round(r, 1) for r in rates[2]],
+            "ceiling_2_vs_1": round(sum(rates[2]) / rates[1][0], 2)}
+
+
 def forward_rates(gflops: float, batch: int = 4, repeats: int = 2) -> dict[str, float]:
     """One-thread GFLOP/s of the YOLOv3 forward as loaded and after ``for_cpu_inference``
     (BN folded, channels_last), timed back to back in this process."""
@@ -129,7 +160,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cpgan-bench-detect"))
     parser.add_argument("--forward-only", action="store_true",
                         help="Only time the forward with and without BN folding.")
+    parser.add_argument("--machine-scaling", action="store_true",
+                        help="Only measure the cores' own 2-vs-1 ceiling: the conv probe in "
+                        "one process, then in two at once.")
     args = parser.parse_args()
+    if args.machine_scaling:
+        print(json.dumps({**machine_scaling(), "load_average": os.getloadavg()}))
+        return
     if args.forward_only:
         gflops = gflops_per_image(CFG, 416)
         print(json.dumps({"forward_gflops_per_s_one_thread": forward_rates(gflops),

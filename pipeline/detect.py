@@ -229,11 +229,13 @@ def plan_shards(image_ids: Sequence[int], shard_size: int) -> list[list[int]]:
 
 
 def pending_shards(settings: DetectSettings, shards: list[list[int]], out_dir: Path) -> list[int]:
-    """Shards with no finished file of the same provenance."""
+    """Shards with no sound finished file of the same provenance."""
     pending = []
     for index, ids in enumerate(shards):
-        attrs = store.shard_attrs(out_dir / store.shard_name(settings.split, index))
-        if attrs is None or attrs.get("provenance") != settings.provenance(ids):
+        path = out_dir / store.shard_name(settings.split, index)
+        attrs = store.shard_attrs(path)
+        if (attrs is None or attrs.get("provenance") != settings.provenance(ids)
+                or not store.shard_is_sound(path)):
             pending.append(index)
     return pending
 

@@ -116,6 +116,20 @@ def shard_attrs(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def shard_is_sound(path: Path) -> bool:
+    """Does ``path`` open as a region shard that passes :class:`RegionShard`'s checks?
+
+    A shard whose attributes survived but whose datasets did not (a disk fault, a hand edit)
+    must be computed again rather than stop every later run that reads it.
+    """
+    try:
+        with RegionShard(path) as shard:
+            shard.read("image_id")
+    except (CpganError, OSError, KeyError, ValueError):
+        return False
+    return True
+
+
 class RegionShard:
     """A validated, open region shard. Use as a context manager."""
 

@@ -108,6 +108,28 @@ def test_killed_run_resumes_to_the_same_output(setup, reference: Path):
     assert not list((artifacts / "regions").glob(".tmp-*"))
 
 
+def test_a_damaged_finished_shard_is_computed_again(setup, reference: Path, capsys):
+    """Its attributes (provenance) survived but a dataset did not: rerun, not a fatal error."""
+    artifacts = setup["root"] / "damaged"
+    subprocess.run(["cp", "-r", str(reference), str(artifacts)], check=True)
+    with h5py.File(artifacts / "regions" / "train2014-00001.h5", "a") as f:
+        del f["boxes"]
+    _run(_args(setup, artifacts, "--workers", "1"))
+    assert "(2 reused)" in capsys.readouterr().out
+    _assert_same(_contents(artifacts), _contents(reference))
+
+
+def test_a_second_detect_on_a_locked_regions_folder_is_refused(setup, reference: Path, capsys):
+    from cpgan.pipeline.artifacts import folder_lock
+
+    with folder_lock(reference / "regions", "detect"):
+        with pytest.raises(SystemExit) as info:
+            prep_main(_args(setup, reference, "--workers", "1"))
+    assert info.value.code != 0
+    err = capsys.readouterr().err
+    assert "another run is writing this folder" in err and err.count("\n") == 1
+
+
 def test_corrupt_image_is_recorded_not_fatal(setup, tmp_path: Path):
     coco = tmp_path / "coco"
     subprocess.run(["cp", "-r", str(setup["coco"]), str(coco)], check=True)
