@@ -12,6 +12,7 @@ and dividing the image difference by the time difference.
 
     .venv/bin/python bench/detect.py [--images 24] [--workdir /tmp/cpgan-bench-detect]
     .venv/bin/python bench/detect.py --machine-scaling   # the cores' own 2-vs-1 ceiling
+    .venv/bin/python bench/detect.py --stage-profile     # seconds per image of each part
 """
 from __future__ import annotations
 
@@ -82,16 +83,40 @@ def conv_gflops_per_second(seconds: float = 3.0) -> float:
     return count * flops / (time.perf_counter() - start) / 1e9
 
 
-def _probe_worker(seconds: float, start_at: float, results) -> None:
+def yolo_gflops_per_second(seconds: float) -> float:
+    """One-thread GFLOP/s of the folded YOLOv3 forward at 416 (batch 4), as detect runs it."""
+    from cpgan.model.darknet import Darknet, for_cpu_inference
+
+    torch.set_num_threads(1)
+    model = for_cpu_inference(Darknet.from_cfg_file(CFG).eval())
+    x = torch.randn(4, 3, 416, 416).contiguous(memory_format=torch.channels_last)
+    gflops = gflops_per_image(CFG, 416) * 4
+    with torch.inference_mode():
+        model(x)
+        count, start = 0, time.perf_counter()
+        while count < 2 or time.perf_counter() - start < seconds:
+            model(x)
+            count += 1
+    return count * gflops / (time.perf_counter() - start)
+
+
+PROBES = {"conv": conv_gflops_per_second, "yolov3": yolo_gflops_per_second}
+
+
+def _probe_worker(probe: str, seconds: float, start_at: float, results) -> None:
+    rate_of = PROBES[probe]
+    if probe == "yolov3":
+        rate_of(0.0)  # build and warm the model before the common start
     while time.time() < start_at:  # start both probes together
         time.sleep(0.001)
-    results.put(conv_gflops_per_second(seconds))
+    results.put(rate_of(seconds))
 
 
-def machine_scaling(seconds: float = 5.0) -> dict[str, float]:
-    """The hardware's own 2-vs-1 ceiling for the detector's kernel: the one-thread conv probe
-    in one process alone, then in two processes at once (summed). No software scales two
-    workers beyond this ratio on these cores (shared caches, memory bandwidth, or two vCPUs
+def machine_scaling(probe: str, seconds: float = 10.0) -> dict[str, float]:
+    """The hardware's own 2-vs-1 ceiling for a kernel: ``probe`` ("conv": the one-thread conv
+    probe, cache-resident; "yolov3": the whole folded forward at 416, whose activations are
+    not) in one process alone, then in two processes at once (summed). No software scales two
+    workers beyond this ratio on these cores (shared caches and memory bandwidth, or two vCPUs
     that are not two whole physical cores)."""
     import multiprocessing
 
@@ -99,17 +124,57 @@ def machine_scaling(seconds: float = 5.0) -> dict[str, float]:
     rates = {}
     for count in (1, 2):
         results = context.Queue()
-        start_at = time.time() + 3.0  # after the spawned interpreters have imported torch
-        processes = [context.Process(target=_probe_worker, args=(seconds, start_at, results))
+        start_at = time.time() + 35.0  # after the spawned interpreters have built their models
+        processes = [context.Process(target=_probe_worker,
+                                     args=(probe, seconds, start_at, results))
                      for _ in range(count)]
         for process in processes:
             process.start()
         rates[count] = [results.get() for _ in processes]
         for process in processes:
             process.join()
-    return {"one_process_gflops_per_s": round(rates[1][0], 1),
+    return {"probe": probe, "one_process_gflops_per_s": round(rates[1][0], 1),
             "two_processes_gflops_per_s": [round(r, 1) for r in rates[2]],
             "ceiling_2_vs_1": round(sum(rates[2]) / rates[1][0], 2)}
+
+
+def stage_profile(repeats: int = 3, batch: int = 4) -> dict[str, float]:
+    """Seconds per image of each part of a detect batch at 416 px on one thread: the folded
+    forward, YOLO decoding, NMS + top-36, RoIAlign, and JPEG decoding + letterboxing of a
+    640 x 480 image; the part outside the forward is what two workers must share the cores
+    with."""
+    import cv2
+
+    from cpgan.model.darknet import Darknet, for_cpu_inference
+    from cpgan.model.yolo import decode_yolo, letterbox, region_features, select_regions
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = for_cpu_inference(Darknet.from_cfg_file(CFG).eval())
+    layer = 74
+    x = torch.rand(batch, 3, 416, 416).contiguous(memory_format=torch.channels_last)
+    pixels = (np.random.default_rng(0).random((480, 640, 3)) * 255).astype(np.uint8)
+    jpeg = cv2.imencode(".jpg", pixels)[1]
+    totals: dict[str, float] = {}
+
+    def timed(name: str, work):
+        start = time.perf_counter()
+        result = work()
+        totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
+        return result
+
+    with torch.inference_mode():
+        model(x, keep_layers=(layer,))
+        for _ in range(repeats):
+            heads, kept = timed("forward", lambda: model(x, keep_layers=(layer,)))
+            decoded = timed("yolo_decode", lambda: decode_yolo(heads, model.yolo_specs, (416, 416)))
+            regions = timed("nms_top36", lambda: select_regions(*decoded))
+            timed("roi_align", lambda: region_features(kept[layer], regions.boxes, 32,
+                                                       valid=regions.labels >= 0))
+            for _ in range(batch):
+                timed("jpeg_and_letterbox", lambda: letterbox(
+                    cv2.cvtColor(cv2.imdecode(jpeg, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB), 416))
+    return {name: round(total / (repeats * batch), 4) for name, total in totals.items()}
 
 
 def forward_rates(gflops: float, batch: int = 4, repeats: int = 2) -> dict[str, float]:
@@ -160,12 +225,18 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cpgan-bench-detect"))
     parser.add_argument("--forward-only", action="store_true",
                         help="Only time the forward with and without BN folding.")
+    parser.add_argument("--stage-profile", action="store_true",
+                        help="Only time each part of a detect batch (seconds per image).")
     parser.add_argument("--machine-scaling", action="store_true",
                         help="Only measure the cores' own 2-vs-1 ceiling: the conv probe in "
                         "one process, then in two at once.")
     args = parser.parse_args()
+    if args.stage_profile:
+        print(json.dumps({"seconds_per_image": stage_profile(), "load_average": os.getloadavg()}))
+        return
     if args.machine_scaling:
-        print(json.dumps({**machine_scaling(), "load_average": os.getloadavg()}))
+        for probe in PROBES:
+            print(json.dumps({**machine_scaling(probe), "load_average": os.getloadavg()}))
         return
     if args.forward_only:
         gflops = gflops_per_image(CFG, 416)
