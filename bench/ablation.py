@@ -26,6 +26,7 @@ each variant, replaces the block between the markers in RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import shlex
@@ -55,9 +56,10 @@ class Variant:
 
     @property
     def run(self) -> str:
-        """The GAN trainer's run folder name (trainer/gan.py run_name)."""
-        return ("cpgan" + ("" if self.memory else "-no-memory") + ("" if self.oaie else "-no-oaie")
-                + ("" if self.fgcd else "-no-fgcd"))
+        """The GAN trainer's run folder name."""
+        from cpgan.trainer.gan import run_name
+
+        return run_name(self.memory, self.oaie, self.fgcd)
 
     @property
     def switches(self) -> list[str]:
@@ -88,7 +90,7 @@ def train_ruler(artifacts: Path) -> Path:
     (folder / "models").mkdir(parents=True, exist_ok=True)
     for name in ("vocab.json", "memory.h5", "models/detector.pt"):
         source, target = artifacts / name, folder / name
-        if not target.is_file() or target.read_bytes() != source.read_bytes():
+        if not target.is_file() or not filecmp.cmp(source, target, shallow=False):
             shutil.copyfile(source, target)
     preset = load_config("toy")
     config = folder / "ruler.toml"
@@ -111,10 +113,10 @@ def finished_step(checkpoint: Path) -> int | None:
     """The step of a finished run's checkpoint (None while unfinished or missing)."""
     if not checkpoint.is_file():
         return None
-    import torch
+    from cpgan.trainer.sampling import read_checkpoint
 
-    data = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    return int(data["step"]) if data.get("finished") else None
+    run = read_checkpoint(checkpoint)
+    return run.step if run.finished else None
 
 
 def evaluated(report: Path, checkpoint: Path, step: int, scorer: Path) -> bool:

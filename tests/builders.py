@@ -7,6 +7,7 @@ contents, so a test need not run the stage (or wait for training) to get its inp
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import h5py
@@ -105,3 +106,27 @@ def write_encoder_file(models: Path, vocab: Vocabulary, config: Config,
                 "image_encoder": {k: v.clone() for k, v in image.learned_state_dict().items()},
                 "config": record, "metrics": {}}, path)
     return path
+
+
+def run_prep(args: list[str]) -> None:
+    """``cpgan-prep ARGS`` in this process; any exit but success fails the test."""
+    from cpgan.cli.prep import main as prep_main
+
+    try:
+        prep_main(args)
+    except SystemExit as exc:
+        assert exc.code in (0, None), exc.code
+
+
+@contextlib.contextmanager
+def one_worker_cluster():
+    """The LocalCluster a stage starts for ``--workers 1`` (same options), kept warm so that
+    several stages share it; yields the cluster (``.scheduler_address`` for --scheduler)."""
+    from dask.distributed import LocalCluster
+
+    from cpgan.pipeline.cluster import ONE_THREAD_ENV
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      silence_logs=40, env=ONE_THREAD_ENV,
+                      preload=["cpgan.pipeline.detect"]) as cluster:
+        yield cluster

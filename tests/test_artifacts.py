@@ -100,20 +100,27 @@ def test_touch_without_change_stays_done(tmp_path: Path):
     assert artifacts.stage_state(root, "vocab") == ("done", "")
 
 
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
 def test_finished_files_and_trees_get_the_umask_permissions_not_tempfiles_0600(tmp_path):
     """Artifacts on a shared cluster filesystem must be readable by the other users' workers:
-    tempfile makes files 0600 and folders 0700, a plain open would not."""
-    mask = os.umask(0o022)
-    try:
-        artifacts.atomic_write_text(tmp_path / "a.json", "{}")
-        with artifacts.atomic_dir(tmp_path / "tree") as tree:
-            (tree / "x").write_text("x")
-    finally:
-        os.umask(mask)
-    expected = 0o666 & ~artifacts._UMASK
-    assert (tmp_path / "a.json").stat().st_mode & 0o777 == expected
-    assert (tmp_path / "tree").stat().st_mode & 0o777 == 0o777 & ~artifacts._UMASK
-    assert expected & 0o044  # group and others can read under the usual umask
+    tempfile makes files 0600 and folders 0700; a finished artifact gets what a plain open
+    (or mkdir) gives under the same umask."""
+    artifacts.atomic_write_text(tmp_path / "a.json", "{}")
+    with artifacts.atomic_dir(tmp_path / "tree") as tree:
+        (tree / "x").write_text("x")
+    (tmp_path / "plain.json").write_text("{}")
+    (tmp_path / "plain").mkdir()
+    assert _mode(tmp_path / "a.json") == _mode(tmp_path / "plain.json")
+    assert _mode(tmp_path / "tree") == _mode(tmp_path / "plain")
+
+
+def _holds(folder: Path, stage: str = "detect") -> bool:
+    """Take ``folder``'s lock and let it go; True once it was held."""
+    with artifacts.folder_lock(folder, stage):
+        return True
 
 
 def test_a_second_run_on_a_locked_folder_fails_at_once_and_the_lock_dies_with_its_holder(
@@ -122,11 +129,10 @@ def test_a_second_run_on_a_locked_folder_fails_at_once_and_the_lock_dies_with_it
 
     folder = tmp_path / "regions"
     with artifacts.folder_lock(folder, "detect"):
-        with pytest.raises(CpganError, match=r"regions: another run is writing this folder \(locked\); run detect"):
-            with artifacts.folder_lock(folder, "detect"):
-                pass
-    with artifacts.folder_lock(folder, "detect"):  # released on exit
-        pass
+        with pytest.raises(CpganError, match=r"regions: another run is writing this folder "
+                           r"\(locked\); run detect"):
+            _holds(folder)
+    assert _holds(folder)  # released on exit
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from cpgan.pipeline import artifacts\n"
          f"with artifacts.folder_lock({str(folder)!r}, 'attend'):\n"
@@ -134,10 +140,8 @@ def test_a_second_run_on_a_locked_folder_fails_at_once_and_the_lock_dies_with_it
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(CpganError, match="another run is writing"):
-            with artifacts.folder_lock(folder, "detect"):
-                pass
+            _holds(folder)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    with artifacts.folder_lock(folder, "detect"):  # a killed holder leaves nothing locked
-        pass
+    assert _holds(folder)  # a killed holder leaves nothing locked

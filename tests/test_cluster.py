@@ -28,10 +28,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from cpgan.cli.prep import main as prep_main
 from cpgan.pipeline.toy import generate_toy_coco
 
-from builders import write_random_weights
+from builders import one_worker_cluster, run_prep, write_random_weights
 
 DASK = Path(sys.executable).parent / "dask"
 TINY_CAPTIONER = "[attention]\nembed_dim = 16\nhidden_dim = 32\nattention_dim = 16\nepochs = 1\n"
@@ -77,13 +76,7 @@ def _start(command: list[str], folder: Path, env: dict[str, str]) -> subprocess.
 @pytest.fixture(scope="module")
 def local_cluster() -> Iterator[str]:
     """The LocalCluster a stage starts for --workers 1 (same options)."""
-    from dask.distributed import LocalCluster
-
-    from cpgan.pipeline.cluster import ONE_THREAD_ENV
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=40, env=ONE_THREAD_ENV,
-                      preload=["cpgan.pipeline.detect"]) as cluster:
+    with one_worker_cluster() as cluster:
         yield cluster.scheduler_address
 
 
@@ -119,13 +112,6 @@ def external_cluster(tmp_path_factory) -> Iterator[dict[str, Any]]:
 # ----------------------------------------------------------------------------- the runs
 
 
-def _run(args: list[str]) -> None:
-    try:
-        prep_main(args)
-    except SystemExit as exc:
-        assert exc.code in (0, None), exc.code
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, external_cluster, local_cluster) -> dict[str, Path]:
     """The same detect, attend and build-memory, once on the LocalCluster and once on the
@@ -139,25 +125,25 @@ def runs(tmp_path_factory, external_cluster, local_cluster) -> dict[str, Path]:
     common = ["--coco-root", str(coco), "--config", str(root / "tiny.toml")]
     detect = ["detect", *common, "--weights", str(weights), "--shard-size", "3",
               "--batch-size", "2"]
-    _run([*detect, "--artifacts", str(local), "--scheduler", local_cluster])
+    run_prep([*detect, "--artifacts", str(local), "--scheduler", local_cluster])
     external_cluster["client"].wait_for_workers(2, timeout=BOOT_SECONDS)
     address = external_cluster["address"]
     previous = Path.cwd()
     os.chdir(root)  # the workers' folders differ: a relative path must not reach them
     try:
         for split in ("train2014", "val2014"):
-            _run([*detect, "--artifacts", "remote", "--split", split, "--scheduler", address])
-        _run(["vocab", *common, "--artifacts", "remote"])
-        _run(["train-attention", *common, "--artifacts", "remote"])
-        _run(["attend", *common, "--artifacts", "remote", "--scheduler", address])
-        _run(["build-memory", *common, "--artifacts", "remote", "--scheduler", address])
+            run_prep([*detect, "--artifacts", "remote", "--split", split, "--scheduler", address])
+        run_prep(["vocab", *common, "--artifacts", "remote"])
+        run_prep(["train-attention", *common, "--artifacts", "remote"])
+        run_prep(["attend", *common, "--artifacts", "remote", "--scheduler", address])
+        run_prep(["build-memory", *common, "--artifacts", "remote", "--scheduler", address])
     finally:
         os.chdir(previous)
     for name in ("vocab.json", "models/captioner.pt"):  # the same captioner for both runs
         (local / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(remote / name, local / name)
-    _run(["attend", *common, "--artifacts", str(local), "--scheduler", local_cluster])
-    _run(["build-memory", *common, "--artifacts", str(local), "--scheduler", local_cluster])
+    run_prep(["attend", *common, "--artifacts", str(local), "--scheduler", local_cluster])
+    run_prep(["build-memory", *common, "--artifacts", str(local), "--scheduler", local_cluster])
     return {"local": local, "remote": remote}
 
 

@@ -28,8 +28,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from cpgan.cli.prep import main as prep_main
 from cpgan.pipeline.artifacts import LOCK_NAME
+
+from builders import one_worker_cluster, run_prep
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_crash", ROOT / "bench" / "crash.py")
@@ -71,22 +72,9 @@ os.replace = replace_or_die
 """
 
 
-def _run(args: list[str]) -> None:
-    try:
-        prep_main(args)
-    except SystemExit as exc:
-        assert exc.code in (0, None), exc.code
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
-    from dask.distributed import LocalCluster
-
-    from cpgan.pipeline.cluster import ONE_THREAD_ENV
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=40, env=ONE_THREAD_ENV,
-                      preload=["cpgan.pipeline.detect"]) as local:
+    with one_worker_cluster() as local:
         yield local
 
 
@@ -102,7 +90,7 @@ def setup(tmp_path_factory, cluster) -> dict[str, Any]:
              "reference": work / "reference", "cluster": cluster}
     for name, stage in plan.items():
         for args in [*before.get(name, []), stage.args]:
-            _run(_command(setup, name, work / "reference", args))
+            run_prep(_command(setup, name, work / "reference", args))
     return setup
 
 
@@ -129,7 +117,7 @@ def _inputs_of(setup: dict, stage: str, root: Path) -> None:
             shutil.copy2(source, target)
     if stage == "detect":
         for args in setup["before"]["detect"]:
-            _run(_command(setup, stage, root, args))
+            run_prep(_command(setup, stage, root, args))
 
 
 def _assert_complete(setup: dict, stage: str, root: Path) -> None:
@@ -156,7 +144,7 @@ def test_killed_in_the_middle_of_a_write_resumes_and_leaves_nothing(setup, tmp_p
     for path in root.rglob(file_name):  # the file being written is still the one before
         assert crash.content(path, root) == before[path.relative_to(root)]
     assert crash.differences(setup["plan"][stage], root, setup["reference"], before=before) == []
-    _run(args)
+    run_prep(args)
     _assert_complete(setup, stage, root)
 
 
@@ -170,7 +158,7 @@ def test_train_detector_sweeps_what_a_killed_run_left_in_models(setup, tmp_path)
     shutil.copy(setup["reference"] / "models" / "detector.ckpt.pt",
                 models / ".tmp-detector.ckpt.pt.k1lled00")
     (models / ".tmp-damsm.pt.running0").write_bytes(b"another stage, still writing")
-    _run(_command(setup, "train-detector", root))
+    run_prep(_command(setup, "train-detector", root))
     assert [p.name for p in crash.temporaries(root)] == [".tmp-damsm.pt.running0"]
     (models / ".tmp-damsm.pt.running0").unlink()
     _assert_complete(setup, "train-detector", root)
@@ -205,7 +193,7 @@ def test_random_kills_resume_to_the_uninterrupted_artifacts(setup, tmp_path):
                    root, setup["reference"], kills=2,
                    kill_moment=lambda: _after_first_write(root / "regions", rng, 0.5),
                    env={**os.environ, **crash.ONE_THREAD}, log=tmp_path / "stderr.txt",
-                   report=report, finish=lambda: _run(args))
+                   report=report, finish=lambda: run_prep(args))
     assert report.kills == 2 and report.identical, report.summary()
     _assert_complete(setup, "detect", root)
 
@@ -221,7 +209,7 @@ def test_a_worker_killed_mid_write_is_replaced_and_its_temporary_swept(setup, tm
     with Client(setup["cluster"].scheduler_address) as client:
         before = set(client.run(os.getpid).values())
         client.run(exec, WORKER_DIES_BEFORE_RENAME, {"NAME": "train2014-00000.h5"})
-        _run(_command(setup, "detect", root))
+        run_prep(_command(setup, "detect", root))
         client.wait_for_workers(1)
         assert not before & set(client.run(os.getpid).values())  # the worker was replaced
     _assert_complete(setup, "detect", root)

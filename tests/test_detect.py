@@ -17,7 +17,7 @@ from cpgan.model.darknet import Darknet, write_weights
 from cpgan.pipeline.regions import INDEX_SCHEMA, RegionShard
 from cpgan.pipeline.toy import generate_toy_coco
 
-from builders import CFG, write_random_weights
+from builders import CFG, run_prep, write_random_weights
 
 TRAIN_IMAGES = 24
 
@@ -44,17 +44,10 @@ def _contents(artifacts: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def _run(args: list[str]) -> None:
-    try:
-        prep_main(args)
-    except SystemExit as exc:
-        assert exc.code in (0, None), exc.code
-
-
 @pytest.fixture(scope="module")
 def reference(setup) -> Path:
     artifacts = setup["root"] / "reference"
-    _run(_args(setup, artifacts, "--workers", "1"))
+    run_prep(_args(setup, artifacts, "--workers", "1"))
     return artifacts
 
 
@@ -79,14 +72,14 @@ def test_schema_matches_the_design(reference: Path):
 
 def test_rerun_reuses_every_shard(setup, reference: Path, capsys):
     before = {p: p.stat().st_mtime_ns for p in (reference / "regions").glob("*.h5")}
-    _run(_args(setup, reference, "--workers", "1"))
+    run_prep(_args(setup, reference, "--workers", "1"))
     assert "(3 reused)" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
 def test_two_workers_give_the_same_output(setup, reference: Path):
     artifacts = setup["root"] / "two-workers"
-    _run(_args(setup, artifacts, "--workers", "2"))
+    run_prep(_args(setup, artifacts, "--workers", "2"))
     _assert_same(_contents(artifacts), _contents(reference))
 
 
@@ -103,7 +96,7 @@ def test_killed_run_resumes_to_the_same_output(setup, reference: Path):
     proc.wait()
     finished = sorted(p.name for p in (artifacts / "regions").glob("*.h5"))
     assert "train2014-00000.h5" in finished and len(finished) < 3, finished
-    _run(_args(setup, artifacts, "--workers", "1"))
+    run_prep(_args(setup, artifacts, "--workers", "1"))
     _assert_same(_contents(artifacts), _contents(reference))
     assert not list((artifacts / "regions").glob(".tmp-*"))
 
@@ -114,7 +107,7 @@ def test_a_damaged_finished_shard_is_computed_again(setup, reference: Path, caps
     subprocess.run(["cp", "-r", str(reference), str(artifacts)], check=True)
     with h5py.File(artifacts / "regions" / "train2014-00001.h5", "a") as f:
         del f["boxes"]
-    _run(_args(setup, artifacts, "--workers", "1"))
+    run_prep(_args(setup, artifacts, "--workers", "1"))
     assert "(2 reused)" in capsys.readouterr().out
     _assert_same(_contents(artifacts), _contents(reference))
 
@@ -138,7 +131,7 @@ def test_corrupt_image_is_recorded_not_fatal(setup, tmp_path: Path):
     artifacts = tmp_path / "artifacts"
     args = _args(setup, artifacts, "--workers", "1", "--limit", "8")
     args[args.index("--coco-root") + 1] = str(coco)
-    _run(args)
+    run_prep(args)
     index = pq.read_table(artifacts / "regions" / "index.parquet").to_pylist()
     bad = [row for row in index if row["file_name"] == victim.name]
     assert len(index) == 8 and len(bad) == 1
@@ -163,7 +156,7 @@ def test_foreign_cfg_brings_its_own_input_size_and_backbone_layer(setup, tmp_pat
     write_weights(Darknet.from_cfg_file(tiny_cfg), weights)
     base = ["detect", "--artifacts", str(tmp_path / "a"), "--coco-root", str(setup["coco"]),
             "--cfg", str(tiny_cfg), "--workers", "1", "--limit", "2"]
-    _run([*base, "--weights", str(weights)])
+    run_prep([*base, "--weights", str(weights)])
     with RegionShard(tmp_path / "a" / "regions" / "train2014-00000.h5") as shard:
         assert (len(shard), shard.num_slots, shard.feature_dim) == (2, 36, 1024)
         assert shard.attrs["input_size"] == 416 and shard.attrs["feature_layer"] == 12

@@ -43,7 +43,7 @@ from cpgan.pipeline.memory import load_memory
 from cpgan.pipeline.text import SPECIALS, Vocabulary, tokenize
 from cpgan.pipeline.toy import generate_toy_coco
 
-from builders import CFG, write_random_weights
+from builders import CFG, one_worker_cluster, run_prep, write_random_weights
 
 MAX_WORDS = 8
 TINY = (f"[data]\nmax_caption_words = {MAX_WORDS}\n[detector]\nshard_size = 6\n"
@@ -168,13 +168,6 @@ def _make_hostile(coco: Path) -> None:
     _edit_annotations(coco, change)
 
 
-def _run(args: list[str]) -> None:
-    try:
-        prep_main(args)
-    except SystemExit as exc:
-        assert exc.code in (0, None), exc.code
-
-
 def _fails(args: list[str], capsys) -> str:
     """The one ``error:`` line of a command that must fail with status 1."""
     capsys.readouterr()
@@ -188,13 +181,7 @@ def _fails(args: list[str], capsys) -> str:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    from dask.distributed import LocalCluster
-
-    from cpgan.pipeline.cluster import ONE_THREAD_ENV
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=40, env=ONE_THREAD_ENV,
-                      preload=["cpgan.pipeline.detect"]) as local:
+    with one_worker_cluster() as local:
         yield local.scheduler_address
 
 
@@ -212,10 +199,10 @@ def hostile(tmp_path_factory, cluster) -> dict[str, Any]:
               "--config", str(root / "tiny.toml")]
     cluster_args = ["--scheduler", cluster]
     for split in ("train2014", "val2014"):
-        _run(["detect", *common, *cluster_args, "--weights", str(weights), "--split", split])
+        run_prep(["detect", *common, *cluster_args, "--weights", str(weights), "--split", split])
     for command in (["vocab"], ["train-attention"], ["attend", *cluster_args],
                     ["build-memory", "--topk", "2", *cluster_args]):
-        _run([command[0], *common, *command[1:]])
+        run_prep([command[0], *common, *command[1:]])
     return {"root": root, "coco": coco, "artifacts": artifacts, "common": common,
             "weights": weights, "cluster": cluster}
 
@@ -514,7 +501,7 @@ def test_build_memory_rebuilds_a_damaged_memory_bank_instead_of_reusing_it(
     artifacts = _artifacts_copy(hostile, tmp_path)
     _damage_memory(artifacts, damage)
     capsys.readouterr()
-    _run(["build-memory", "--topk", "2", "--artifacts", str(artifacts), *hostile["common"][2:],
+    run_prep(["build-memory", "--topk", "2", "--artifacts", str(artifacts), *hostile["common"][2:],
           "--scheduler", hostile["cluster"]])
     assert "reused" not in capsys.readouterr().out
     rebuilt = load_memory(artifacts / "memory.h5", artifacts / "vocab.json")
