@@ -110,6 +110,7 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
         load_eval_models,
         summary_line,
     )
+    from cpgan.trainer.damsm import pretrained_variants
     from cpgan.trainer.sampling import default_checkpoint, read_checkpoint
 
     root = run.artifacts
@@ -139,6 +140,7 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
     record_inputs = record_inputs or files.inputs(checkpoint, split, models.scoring)
     options = EvalOptions(num_images, batch_size, seed, device, workers)
     evaluation = evaluate(models, split, options)
+    evaluation.report["encoders"] = pretrained_variants(models_dir)
     folder = root / REPORT_DIR if staged else report_dir
     inputs = ReportInputs(checkpoint.path.parent / METRICS_LOG,
                           root if checkpoint.memory else None, run.coco_root,

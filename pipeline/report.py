@@ -338,6 +338,29 @@ def metrics_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def encoders_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The pretrained DAMSM variants side by side (report["encoders"]): their val R-precision
+    on real images, which bounds what R-precision can say about generated ones."""
+    lines = ["<table><thead><tr><th>encoders</th><th>text encoder</th><th>image encoder</th>"
+             "<th>epochs</th><th>R-precision</th><th>in-batch</th><th>val loss</th>"
+             "<th>R-precision per epoch</th></tr></thead><tbody>"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"<tr><td>{html.escape(row['model'])}</td>"
+                         f"<td colspan=\"7\">{html.escape(row['error'])}</td></tr>")
+            continue
+        text = "MATE (memory)" if row["memory"] else "AttnGAN (no memory)"
+        image = "OAIE (V_o + V_e)" if row["objects"] else "AttnGAN (V_e only)"
+        history = ("n/a" if row.get("history") is None
+                   else ", ".join(f"{value:.3f}" for value in row["history"]))
+        cells = [row["model"], text, image, str(row["epochs"]),
+                 format_metric(row["r_precision"]), format_metric(row["r_precision_in_batch"]),
+                 format_metric(row["val_loss"]), history]
+        lines.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    lines.append("</tbody></table>")
+    return "\n".join(lines)
+
+
 def render_html(report: dict[str, Any], pictures: Sequence[Picture],
                 notes: Sequence[str]) -> str:
     """The whole index.html: title, metrics table, notes, pictures, the config block."""
@@ -356,6 +379,11 @@ def render_html(report: dict[str, Any], pictures: Sequence[Picture],
              metrics_table(report),
              f"<p class=\"note\">IS and FID features: "
              f"{html.escape(str(config.get('fid_network', '?')))}.</p>"]
+    if report.get("encoders"):
+        parts += ["<h2>Pretrained encoders (DAMSM, real val images)</h2>",
+                  "<p class=\"note\">Each DAMSM variant's R-precision on the real val pairs "
+                  "after pretraining (image global feature f against sentence vectors s), "
+                  "read from models/damsm*.pt.</p>", encoders_table(report["encoders"])]
     parts += [f"<p class=\"note\">{html.escape(note)}</p>" for note in notes]
     for picture in pictures:
         parts.append(f"<h2>{html.escape(picture.title)}</h2>")

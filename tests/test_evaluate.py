@@ -89,12 +89,29 @@ def _write_log(setup: Setup) -> None:
     (setup.checkpoint.parent / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"step\": 5")
 
 
+PRETRAINED = {"damsm": 0.61, "damsm-no-memory": 0.47}  # val R-precision written per variant
+
+
+def _write_pretrained_metrics(setup: Setup) -> None:
+    """Give the run's encoder file the val metrics DAMSM pretraining stores, and put a
+    --no-memory variant beside it, as make demo leaves them for the report's table."""
+    models = setup.artifacts / "models"
+    data = torch.load(models / "damsm.pt", weights_only=True)
+    for name, value in PRETRAINED.items():
+        data["metrics"] = {"epoch": 4.0, "r_precision": value, "r_precision_std": 0.03,
+                           "r_precision_in_batch": value - 0.01,
+                           "r_precision_in_batch_std": 0.02, "val_loss": 3.5,
+                           "train_loss": 3.4, "candidates": 100.0}
+        torch.save(data, models / f"{name}.pt")
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Setup:
     setup = make_setup(tmp_path_factory.mktemp("eval"), objects=True, val_images=VAL_IMAGES)
     _write_classifier(setup)
     _train_generator(setup)
     _write_log(setup)
+    _write_pretrained_metrics(setup)
     return setup
 
 
@@ -108,11 +125,12 @@ def evaluated(run: Setup) -> dict:
     result = CliRunner().invoke(eval_cli, _args(run))
     assert result.exit_code == 0, (result.output, result.exception)
     assert "cpgan-eval [cpgan step 40]" in result.output
+    assert "encoders damsm R-prec 0.610, damsm-no-memory R-prec 0.470" in result.output
     return json.loads((run.artifacts / "report" / "report.json").read_text())
 
 
 def test_report_has_every_metric_for_all_three_blocks(evaluated: dict):
-    assert set(evaluated) == {"generated", "real", "untrained", "config"}
+    assert set(evaluated) == {"generated", "real", "untrained", "config", "encoders"}
     for block in ("generated", "real", "untrained"):
         entry = evaluated[block]
         assert METRIC_KEYS <= set(entry), block
@@ -174,11 +192,26 @@ def test_index_html_references_existing_pictures_by_relative_path(run: Setup, ev
     assert "SOA-C" in page and "untrained" in page
 
 
+def test_report_sets_the_pretrained_encoder_variants_side_by_side(run: Setup, evaluated: dict):
+    rows = {row["model"]: row for row in evaluated["encoders"]}
+    assert set(rows) == {"models/damsm.pt", "models/damsm-no-memory.pt"}
+    for name, value in PRETRAINED.items():
+        row = rows[f"models/{name}.pt"]
+        assert row["r_precision"] == {"mean": value, "std": 0.03}
+        assert row["memory"] is (name == "damsm") and row["objects"] is True
+        assert row["epochs"] == 4 and row["history"] is None     # no provenance record here
+    page = (run.artifacts / "report" / "index.html").read_text()
+    table = page[page.index("Pretrained encoders"):]
+    assert "0.610 ± 0.030" in table and "0.470 ± 0.030" in table
+    assert "AttnGAN (no memory)" in table and "MATE (memory)" in table
+
+
 def test_eval_stage_provenance_is_done(run: Setup, evaluated: dict):
     assert artifacts.stage_state(run.artifacts, "eval") == ("done", "")
     record = artifacts.read_record(run.artifacts, "eval")
     assert "report/report.json" in record["outputs"] and "report/index.html" in record["outputs"]
     assert "runs/cpgan/checkpoint.pt" in record["inputs"]
+    assert "models/damsm-no-memory.pt" in record["inputs"]   # its row is in the report
     assert record["summary"]["generated"]["fid"] == evaluated["generated"]["fid"]
 
 

@@ -1,4 +1,5 @@
 """DAMSM pretraining of MATE + OAIE, the encoder file and ``cpgan-train`` on a tiny toy set."""
+import json
 from pathlib import Path
 
 import pytest
@@ -210,6 +211,30 @@ def test_cli_trains_the_ablation_beside_then_skips_and_reports(setup, tmp_path, 
     assert _exit_code(["--stage", "damsm", *args]) == 0  # up to date: not retrained
     captured = capsys.readouterr()
     assert "up to date" in captured.out and "R-precision" in captured.out
+    _check_variant_rows(artifacts / "models")
     assert _exit_code(["--stage", "damsm", *args[:6], "--memory", str(tmp_path / "missing.h5")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "missing.h5" in err and err.count("\n") == 1
+
+
+def _check_variant_rows(models: Path) -> None:
+    """The report's encoder table reads the trained file's metrics and, while the record
+    still describes the file, the per-epoch R-precision of its provenance record."""
+    [row] = damsm.pretrained_variants(models)
+    model = models / "damsm-no-memory.pt"
+    stored = _load(model)["metrics"]
+    record = json.loads((models / "damsm-no-memory.provenance.json").read_text())
+    assert row["model"] == "models/damsm-no-memory.pt" and row["memory"] is False
+    assert row["r_precision"] == {"mean": stored["r_precision"], "std": stored["r_precision_std"]}
+    assert row["history"] == [h["r_precision"] for h in record["summary"]["history"]]
+    assert len(row["history"]) == row["epochs"]
+    saved = model.read_bytes()
+    try:
+        torch.save({**_load(model), "metrics": {**stored, "r_precision": 0.5}}, model)
+        [changed] = damsm.pretrained_variants(models)
+        assert changed["r_precision"]["mean"] == 0.5 and changed["history"] is None
+        model.write_bytes(b"not a torch file")
+        [broken] = damsm.pretrained_variants(models)
+        assert "error" in broken and str(model) in broken["error"]
+    finally:
+        model.write_bytes(saved)

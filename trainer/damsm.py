@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -620,3 +621,65 @@ def pretrained_summary(path: Path) -> dict[str, float] | None:
     metrics = data.get("metrics") if isinstance(data, dict) else None
     return metrics if isinstance(metrics, dict) else None
 
+
+
+VARIANTS: tuple[tuple[bool, bool], ...] = ((True, True), (False, True), (True, False),
+                                          (False, False))
+"""(use_memory, use_objects) of every encoder file: damsm, -no-memory, -no-oaie, both."""
+_REPORTED = ("r_precision", "r_precision_std", "r_precision_in_batch", "r_precision_in_batch_std",
+             "val_loss", "epoch")
+
+
+def variant_files(models_dir: Path) -> list[tuple[Path, bool, bool]]:
+    """(file, use_memory, use_objects) of every encoder variant present in ``models_dir``."""
+    found = [(model_path(models_dir, memory, objects), memory, objects)
+             for memory, objects in VARIANTS]
+    return [entry for entry in found if entry[0].is_file()]
+
+
+def pretrained_variants(models_dir: Path) -> list[dict[str, Any]]:
+    """The val figures of every DAMSM variant found in ``models_dir``, one row each, so the
+    evaluation report can set the memory encoders beside the ``--no-memory`` ones (and the
+    ``--no-oaie`` ablations when trained). Each row: the file, its switches, the final
+    R-precision (mean and std over the folds), the in-batch variant, the val loss, the epochs,
+    and the per-epoch R-precision from the model's provenance record when that record
+    describes this very file (else None). A file that cannot be read is a row with ``error``.
+    """
+    rows = []
+    for path, use_memory, use_objects in variant_files(models_dir):
+        row: dict[str, Any] = {"model": f"{path.parent.name}/{path.name}",
+                               "memory": use_memory, "objects": use_objects}
+        metrics = pretrained_summary(path)
+        if metrics is None or not all(_is_number(metrics.get(k)) for k in _REPORTED):
+            rows.append({**row, "error": f"{path}: no readable val metrics"})
+            continue
+        rows.append({**row, "epochs": int(metrics["epoch"]),
+                     "r_precision": {"mean": float(metrics["r_precision"]),
+                                     "std": float(metrics["r_precision_std"])},
+                     "r_precision_in_batch": {"mean": float(metrics["r_precision_in_batch"]),
+                                              "std": float(metrics["r_precision_in_batch_std"])},
+                     "val_loss": float(metrics["val_loss"]),
+                     "history": recorded_history(path)})
+    return rows
+
+
+def recorded_history(model: Path) -> list[float] | None:
+    """Per-epoch val R-precision from ``<model>.provenance.json``, or None when the record is
+    missing, malformed or was written for another version of the file (its fingerprint of
+    the model no longer matches)."""
+    from cpgan.pipeline.artifacts import fingerprint
+
+    try:
+        record = json.loads(model.with_name(f"{model.stem}.provenance.json").read_text("utf-8"))
+        known = next(v for k, v in record["outputs"].items() if Path(k).name == model.name)
+        history = record["summary"]["history"]
+        if fingerprint(model, known)["sha256"] != known.get("sha256"):
+            return None
+        values = [row["r_precision"] for row in history]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
+        return None
+    return [float(v) for v in values] if all(_is_number(v) for v in values) else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -193,6 +193,8 @@ class EvalFiles:
     """DAMSM encoders that score R-precision instead of the run's own (ablations)."""
 
     def inputs(self, checkpoint: GanCheckpoint, split: CocoSplit, scoring: Scoring) -> list[Path]:
+        from cpgan.trainer.damsm import variant_files
+
         paths = [checkpoint.path, resolve(self.artifacts, checkpoint.encoders),
                  self.artifacts / "vocab.json", self.detector_weights, self.detector_cfg,
                  scoring.weights, split.captions_file, split.instances_file]
@@ -204,6 +206,8 @@ class EvalFiles:
             paths.append(self.fid_weights)
         if self.rprecision_encoders is not None:
             paths += [self.rprecision_encoders, self.artifacts / MEMORY_NAME]
+        # every pretrained encoder variant: the report tabulates their val figures
+        paths += [path for path, _, _ in variant_files(self.artifacts / "models")]
         return sorted(set(paths))
 
 
@@ -562,12 +566,17 @@ def _config_block(models: EvalModels, split: CocoSplit, options: EvalOptions,
 
 
 def summary_line(report: dict[str, Any]) -> str:
-    """'generated IS 3.21 ± 0.10, FID 41.2, R 0.412, SOA-C 0.55 | real ... | untrained ...'"""
+    """'generated IS 3.21 ± 0.10, FID 41.2, R-prec 0.412, SOA-C 0.55 | real ... | untrained
+    ... | encoders damsm R-prec 0.456, damsm-no-memory R-prec 0.494'"""
     parts = []
     for block in BLOCKS:
         b = report[block]
         soa = "n/a" if b["soa_c"] is None else f"{b['soa_c']:.3f}"
         parts.append(f"{block} IS {b['inception_score']['mean']:.2f}, FID {b['fid']:.1f}, "
                      f"R-prec {b['r_precision']['mean']:.3f}, SOA-C {soa}")
+    encoders = [f"{Path(row['model']).stem} R-prec {row['r_precision']['mean']:.3f}"
+                for row in report.get("encoders", []) if "error" not in row]
+    if encoders:
+        parts.append("encoders " + ", ".join(encoders))
     return " | ".join(parts)
 
