@@ -87,11 +87,7 @@ def train_ruler(artifacts: Path) -> Path:
     from cpgan.config import load_config
 
     folder = artifacts / "ablation" / "ruler"
-    (folder / "models").mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.json", "memory.h5", "models/detector.pt"):
-        source, target = artifacts / name, folder / name
-        if not target.is_file() or not filecmp.cmp(source, target, shallow=False):
-            shutil.copyfile(source, target)
+    copy_encoder_inputs(artifacts, folder)
     preset = load_config("toy")
     config = folder / "ruler.toml"
     config.write_text(f"seed = {preset.seed + RULER_SEED_OFFSET}\n\n[encoder]\n"
@@ -99,6 +95,16 @@ def train_ruler(artifacts: Path) -> Path:
     run_command([str(BIN / "cpgan-train"), "--stage", "damsm", "--artifacts", str(folder),
                  "--coco-root", str(artifacts / "toy-coco"), "--config", str(config)])
     return folder / "models" / "damsm.pt"
+
+
+def copy_encoder_inputs(artifacts: Path, folder: Path) -> None:
+    """Give ``folder`` its own copies of what DAMSM pretraining reads besides the dataset
+    (vocabulary, memory bank, detector), so encoders trained there never touch the demo's."""
+    (folder / "models").mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.json", "memory.h5", "models/detector.pt"):
+        source, target = artifacts / name, folder / name
+        if not target.is_file() or not filecmp.cmp(source, target, shallow=False):
+            shutil.copyfile(source, target)
 
 
 def run_command(command: list[str]) -> float:
@@ -146,7 +152,8 @@ def ablate(variant: Variant, artifacts: Path, scorer: Path, threads: int) -> dic
     return {"report": json.loads(report.read_text()), "seconds": seconds}
 
 
-def _metric(block: dict, key: str) -> str:
+def metric_text(block: dict, key: str) -> str:
+    """A report value as text: 'mean ± std', 3 decimals, or n/a."""
     value = block[key]
     if isinstance(value, dict):
         return f"{value['mean']:.3f} ± {value['std']:.3f}"
@@ -169,14 +176,14 @@ def table(rows: list[tuple[Variant, dict]], command: str) -> str:
         step = result["report"]["config"]["checkpoint"]["step"]
         modules = ", ".join(name for name, on in (("MATE", variant.memory), ("OAIE", variant.oaie),
                                                   ("FGCD", variant.fgcd)) if on) or "none"
-        lines.append(f"| {variant.label} | {modules} | {_metric(g, 'r_precision')} | "
-                     f"{_metric(g, 'soa_c')} | {_metric(g, 'soa_i')} | {g['fid']:.1f} | "
-                     f"{_metric(g, 'inception_score')} | {step} |")
+        lines.append(f"| {variant.label} | {modules} | {metric_text(g, 'r_precision')} | "
+                     f"{metric_text(g, 'soa_c')} | {metric_text(g, 'soa_i')} | {g['fid']:.1f} | "
+                     f"{metric_text(g, 'inception_score')} | {step} |")
     reference = rows[-1][1]["report"]
     for block in ("real", "untrained"):
         b = reference[block]
-        lines.append(f"| *{block} images* | | {_metric(b, 'r_precision')} | {_metric(b, 'soa_c')} | "
-                     f"{_metric(b, 'soa_i')} | {b['fid']:.1f} | {_metric(b, 'inception_score')} | |")
+        lines.append(f"| *{block} images* | | {metric_text(b, 'r_precision')} | {metric_text(b, 'soa_c')} | "
+                     f"{metric_text(b, 'soa_i')} | {b['fid']:.1f} | {metric_text(b, 'inception_score')} | |")
     config = reference["config"]
     lines += ["", f"{config['num_images']} toy val pairs per variant, seed {config['seed']}; "
               f"R-precision scored by `{_short(config['r_precision_encoders'])}` for every "
