@@ -160,7 +160,7 @@ def metric_text(block: dict, key: str) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _short(path: str) -> str:
+def short_path(path: str) -> str:
     """A scorer path from ``ablation/`` on when it lies in an artifacts folder."""
     parts = Path(path).parts
     return str(Path(*parts[parts.index("ablation"):])) if "ablation" in parts else path
@@ -186,7 +186,7 @@ def table(rows: list[tuple[Variant, dict]], command: str) -> str:
                      f"{metric_text(b, 'soa_i')} | {b['fid']:.1f} | {metric_text(b, 'inception_score')} | |")
     config = reference["config"]
     lines += ["", f"{config['num_images']} toy val pairs per variant, seed {config['seed']}; "
-              f"R-precision scored by `{_short(config['r_precision_encoders'])}` for every "
+              f"R-precision scored by `{short_path(config['r_precision_encoders'])}` for every "
               "variant (100 candidates, 10 folds); IS and FID by the toy classifier; SOA by the "
               "toy detector. Wall seconds (train + eval, this run; 0 = reused): "
               + ", ".join(f"{v.label} {r['seconds']['train']:.0f} + {r['seconds']['eval']:.0f}"

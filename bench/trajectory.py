@@ -30,7 +30,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from ablation import ROOT, BIN, copy_encoder_inputs, metric_text, run_command, train_ruler
+from ablation import (BIN, ROOT, copy_encoder_inputs, metric_text, run_command, short_path,
+                      train_ruler)
 from results_file import replace_block
 
 BEGIN = "<!-- trajectory tables: bench/trajectory.py writes between these markers -->"
@@ -139,9 +140,8 @@ def main() -> None:
     block = [BEGIN, "", f"Made by `{command.strip()}`.", "", *damsm_table(history, final), "",
              *gan_table(reports), "",
              f"{config['num_images']} toy val pairs, seed {config['seed']}; GAN R-precision "
-             f"scored by `{Path(config['r_precision_encoders']).name}` of "
-             f"`{Path(config['r_precision_encoders']).parent.parent.name}` (the ablation's ruler "
-             "unless --scorer), IS and FID by the toy classifier, SOA by the toy detector.",
+             f"scored by `{short_path(config['r_precision_encoders'])}` for every row, IS and "
+             "FID by the toy classifier, SOA by the toy detector.",
              "", END]
     replace_block(args.results, BEGIN, END, "\n".join(block))
     print(f"trajectory tables -> {args.results}")
