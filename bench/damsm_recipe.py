@@ -16,11 +16,11 @@ import argparse
 import time
 from pathlib import Path
 
-import torch, torch.nn as nn, torch.nn.functional as F
+import torch, torch.nn.functional as F
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.text import Vocabulary
 from cpgan.pipeline.memory import load_memory
-from cpgan.trainer.data import TextImageDataset, make_loader, batches
+from cpgan.trainer.data import TextImageDataset
 from cpgan.model.image_encoder import ToyBackbone, ObjectAwareImageEncoder
 from cpgan.model.text_encoder import MemoryAttendedTextEncoder
 from cpgan.model.losses import damsm_loss
@@ -43,11 +43,10 @@ else:
     tr = TextImageDataset(CocoSplit.open(root / "toy-coco", "train2014"), vocab, 18, [64], augment=False, seed=0)
     va = TextImageDataset(CocoSplit.open(root / "toy-coco", "val2014"), vocab, 18, [64], augment=False, seed=0, limit=500)
     def grab(ds):
-        imgs, caps_all = [], []
+        imgs = []
         for i in range(len(ds)):
             s = ds[i]; imgs.append(s.images[0])
         return torch.stack(imgs)
-    import numpy as np
     from cpgan.trainer.data import pad_caption
     d = {"train_images": grab(tr), "val_images": grab(va)}
     # all 5 captions of train images

@@ -10,7 +10,6 @@ from pathlib import Path
 import click
 
 from cpgan.cli.common import TOY_DIRNAME, RunContext, common_options, report_errors
-from cpgan.errors import CpganError
 from cpgan.pipeline import artifacts
 from cpgan.pipeline.cluster import default_workers
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.models import inception_v3
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 

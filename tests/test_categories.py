@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 
 from cpgan.pipeline.categories import category_words, region_hits

@@ -2,7 +2,6 @@
 report and the pictures."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
