@@ -41,19 +41,18 @@ SHOWN_EPOCHS = (1, 2, 3, 4, 6, 8)  # and every fifth epoch, and the last
 
 def damsm_trajectory(artifacts: Path, epochs: int) -> tuple[list[float], dict]:
     """Train (or find) the long DAMSM run; its per-epoch val R-precision and final metrics."""
-    from cpgan.trainer.damsm import pretrained_variants, recorded_history
+    from cpgan.trainer.damsm import pretrained_variants, provenance_path
 
     folder = artifacts / "trajectory" / "damsm"
     copy_encoder_inputs(artifacts, folder)
     run_command([str(BIN / "cpgan-train"), "--stage", "damsm", "--artifacts", str(folder),
                  "--coco-root", str(artifacts / "toy-coco"), "--epochs", str(epochs)])
     model = folder / "models" / "damsm.pt"
-    history = recorded_history(model)
-    if history is None:
-        sys.exit(f"{model}: no per-epoch history in its provenance record")
-    record = json.loads(model.with_name("damsm.provenance.json").read_text())
     [row] = [r for r in pretrained_variants(model.parent) if r["model"].endswith("/damsm.pt")]
-    return history, {**row, "seconds": record["summary"]["seconds"]}
+    if row.get("history") is None:
+        sys.exit(f"{model}: no readable metrics or per-epoch history in its provenance record")
+    record = json.loads(provenance_path(model).read_text())
+    return row["history"], {**row, "seconds": record["summary"]["seconds"]}
 
 
 def report_epoch(report: Path, scorer: Path) -> int | None:

@@ -278,7 +278,9 @@ class DamsmJob(_TrainingJob):
 
     @property
     def record(self) -> Path:
-        return self.model.with_name(f"{self.name}.provenance.json")
+        from cpgan.trainer.damsm import provenance_path
+
+        return provenance_path(self.model)
 
     def is_current(self) -> bool:
         return self._recorded_current()

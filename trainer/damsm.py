@@ -622,6 +622,11 @@ def pretrained_summary(path: Path) -> dict[str, float] | None:
     return metrics if isinstance(metrics, dict) else None
 
 
+def provenance_path(model: Path) -> Path:
+    """``models/<name>.provenance.json``: the record of how ``models/<name>.pt`` was trained
+    (for ``damsm.pt`` this is the damsm stage's own record)."""
+    return model.with_name(f"{model.stem}.provenance.json")
+
 
 VARIANTS: tuple[tuple[bool, bool], ...] = ((True, True), (False, True), (True, False),
                                           (False, False))
@@ -670,7 +675,7 @@ def recorded_history(model: Path) -> list[float] | None:
     from cpgan.pipeline.artifacts import fingerprint
 
     try:
-        record = json.loads(model.with_name(f"{model.stem}.provenance.json").read_text("utf-8"))
+        record = json.loads(provenance_path(model).read_text("utf-8"))
         known = next(v for k, v in record["outputs"].items() if Path(k).name == model.name)
         history = record["summary"]["history"]
         if fingerprint(model, known)["sha256"] != known.get("sha256"):
