@@ -7,7 +7,9 @@ needs, ``models/damsm[-no-memory][-no-oaie].pt``), then scored by ``cpgan-eval``
 val pairs. Every variant's R-precision is measured with the *same* encoders
 (``cpgan-eval --rprecision-encoders``), and those are an independent ruler: DAMSM encoders
 (memory and objects on) trained here with another seed (config seed + 1) and twice the
-preset's epochs, in ``<artifacts>/ablation/ruler/``. A variant's own encoders would grade
+preset's epochs, in ``<artifacts>/ablation/ruler/``. (Like the demo's encoders, the ruler's
+image encoder starts from the toy scoring classifier, as the paper's both start from
+Inception.) A variant's own encoders would grade
 their own generator's images, and even one shared file that some variants trained against
 would favour those: TISCL (Eq. 6) pushes the generator towards exactly the similarity that
 R-precision ranks. ``--scorer FILE`` uses another encoder file instead. IS and FID use the
@@ -99,9 +101,10 @@ def train_ruler(artifacts: Path) -> Path:
 
 def copy_encoder_inputs(artifacts: Path, folder: Path) -> None:
     """Give ``folder`` its own copies of what DAMSM pretraining reads besides the dataset
-    (vocabulary, memory bank, detector), so encoders trained there never touch the demo's."""
+    (vocabulary, memory bank, detector, the classifier the toy image encoder starts from), so
+    encoders trained there never touch the demo's."""
     (folder / "models").mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.json", "memory.h5", "models/detector.pt"):
+    for name in ("vocab.json", "memory.h5", "models/detector.pt", "models/classifier.pt"):
         source, target = artifacts / name, folder / name
         if not target.is_file() or not filecmp.cmp(source, target, shallow=False):
             shutil.copyfile(source, target)

@@ -259,6 +259,12 @@ class DamsmJob(_TrainingJob):
         self.limit, self.val_limit = limit, val_limit
         self.name = model_name(use_memory, use_objects)
         self.model = model_path(self.root / "models", use_memory, use_objects)
+        self.classifier_weights = (self.root / "models" / "classifier.pt"
+                                   if run.config.encoder.backbone == "classifier" else None)
+        if self.classifier_weights is not None and not self.classifier_weights.is_file():
+            raise CpganError(f"{self.classifier_weights}: the toy scoring classifier, which the "
+                             "image encoder starts from, is not there (run 'cpgan-eval "
+                             "fit-classifier' first)")
 
     # -------------------------------------------------------------------------- provenance
 
@@ -270,7 +276,7 @@ class DamsmJob(_TrainingJob):
                 "limit": self.limit, "val_limit": self.val_limit}
 
     def inputs(self) -> list[Path]:
-        return self._inputs()
+        return self._inputs(*[p for p in (self.classifier_weights,) if p is not None])
 
     @property
     def main_variant(self) -> bool:
@@ -307,7 +313,8 @@ class DamsmJob(_TrainingJob):
         detector = (load_detector(self.detector_cfg, self.detector_weights)
                     if self.use_objects else None)
         result = train_damsm(self.run.coco_root, self.root / "models", self.run.config, vocab,
-                             memory, detector, self.inception_weights, device=device,
+                             memory, detector, self.inception_weights,
+                             classifier_weights=self.classifier_weights, device=device,
                              resume=resume, limit=self.limit, val_limit=self.val_limit,
                              num_workers=workers)
         self._write_record([self.model], result.summary())

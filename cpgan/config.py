@@ -84,8 +84,14 @@ class EncoderConfig:
     epochs: int = 120
     batch_size: int = 48
     lr: float = 2e-4
-    backbone: str = "inception"   # "inception" (frozen, ImageNet weights) or "toy" (trained)
-    backbone_width: int = 32      # channels of the toy backbone's first stage
+    lr_decay: float = 0.98        # per epoch, down to lr / 10 (AttnGAN's pretrain_DAMSM)
+    backbone: str = "inception"   # "inception" (frozen, ImageNet weights), "classifier" (the
+                                  # toy scoring classifier's trunk, fine-tuned) or "toy" (trained
+                                  # from scratch)
+    backbone_width: int = 32      # channels of the toy backbone's first stage; the classifier's
+                                  # width for "classifier"
+    sentence_pooling: str = "last"  # s from the Bi-LSTM: "last" (final states, AttnGAN) or "max"
+    random_crop: bool = True      # AttnGAN's random 64/76 crop in pretraining (else flips only)
     grad_clip: float = 0.25       # AttnGAN's RNN_GRAD_CLIP on the text encoder
     text_dropout: float = 0.5     # on the LSTM inputs f_i, as AttnGAN's RNN_ENCODER
 

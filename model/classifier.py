@@ -48,6 +48,22 @@ def _conv_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequenti
     )
 
 
+def classifier_trunk(width: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """The toy classifier's convolutions: ``body`` to the stride-8 map (``4 * width`` channels)
+    and ``top``, one stride-2 convolution to ``16 * width`` channels (max-pooled by the
+    caller). Shared with the toy image encoder's backbone, which starts from a fitted
+    classifier (:class:`cpgan.model.image_encoder.ClassifierBackbone`)."""
+    body = nn.Sequential(
+        _conv_block(3, max(width // 2, 1), 1),
+        _conv_block(max(width // 2, 1), width, 2),
+        _conv_block(width, 2 * width, 2),
+        _conv_block(2 * width, 2 * width, 1),
+        _conv_block(2 * width, 4 * width, 2),
+        _conv_block(4 * width, 4 * width, 1),
+    )
+    return body, _conv_block(4 * width, 16 * width, 2)
+
+
 class ToyClassifier(nn.Module):
     """(shape, colour) of the largest object, for the toy preset's IS and FID.
 
@@ -82,15 +98,7 @@ class ToyClassifier(nn.Module):
                              f"colours, width {width}, image size {image_size}")
         self.num_shapes, self.num_colours = num_shapes, num_colours
         self.width, self.image_size = width, image_size
-        self.body = nn.Sequential(
-            _conv_block(3, max(width // 2, 1), 1),
-            _conv_block(max(width // 2, 1), width, 2),
-            _conv_block(width, 2 * width, 2),
-            _conv_block(2 * width, 2 * width, 1),
-            _conv_block(2 * width, 4 * width, 2),
-            _conv_block(4 * width, 4 * width, 1),
-        )
-        self.top = _conv_block(4 * width, 16 * width, 2)
+        self.body, self.top = classifier_trunk(width)
         self.shape_head = nn.Linear(16 * width, num_shapes)
         self.colour_head = nn.Linear(16 * width, num_colours)
         self.joint_head = nn.Linear(16 * width, self.num_classes)

@@ -108,6 +108,21 @@ def write_encoder_file(models: Path, vocab: Vocabulary, config: Config,
     return path
 
 
+def write_classifier_file(path: Path, width: int = 4, image_size: int = 64,
+                          seed: int = 0) -> Path:
+    """An untrained toy scoring classifier saved as ``cpgan-eval fit-classifier`` saves one
+    (``models/classifier.pt``), for stages that start from it. Returns the path."""
+    from cpgan.model.classifier import ToyClassifier
+    from cpgan.pipeline.toy import TOY_CATEGORIES, TOY_COLOURS
+    from cpgan.trainer.classifier import save_classifier
+
+    torch.manual_seed(seed)
+    model = ToyClassifier(len(TOY_CATEGORIES), len(TOY_COLOURS), width, image_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_classifier(path, model)
+    return path
+
+
 def run_prep(args: list[str]) -> None:
     """``cpgan-prep ARGS`` in this process; any exit but success fails the test."""
     from cpgan.cli.prep import main as prep_main

@@ -74,6 +74,17 @@ def test_augmentation_follows_attngan_on_a_non_square_image():
     assert torch.allclose(centre, expected[:, :, 16:48])
 
 
+def test_without_the_crop_augmentation_is_the_evaluation_view_or_its_mirror():
+    rgb = np.random.default_rng(1).integers(0, 256, size=(40, 80, 3), dtype=np.uint8)
+    image = to_unit_tensor(rgb)
+    centre = eval_image(image, 32)
+    views = [augment_image(image, 32, np.random.default_rng(seed), crop=False)
+             for seed in range(20)]
+    flipped = [torch.equal(v, centre.flip(-1)) for v in views]
+    assert all(f or torch.equal(v, centre) for v, f in zip(views, flipped))
+    assert 0 < sum(flipped) < len(views)
+
+
 def test_pixel_range_maps_black_to_minus_one_and_white_to_one():
     rgb = np.zeros((16, 16, 3), dtype=np.uint8)
     rgb[:, 8:] = 255

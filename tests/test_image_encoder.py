@@ -10,7 +10,9 @@ import torch
 
 from cpgan.errors import CpganError
 from cpgan.model.darknet import Darknet
+from cpgan.model.classifier import ToyClassifier
 from cpgan.model.image_encoder import (
+    ClassifierBackbone,
     InceptionBackbone,
     ObjectAwareImageEncoder,
     ToyBackbone,
@@ -95,6 +97,28 @@ def test_gradient_reaches_image_through_each_path(path: str) -> None:
     assert images.grad is not None and torch.isfinite(images.grad).all()
     reached = images.grad.abs().sum().item() > 0
     assert reached == (path != "none")
+
+
+def test_classifier_backbone_is_the_fitted_classifiers_trunk() -> None:
+    """Started from a classifier, the backbone's global vector is the classifier's pooled
+    feature and its local map the classifier's stride-8 map; it trains (not frozen), and the
+    gradient of TISCL reaches the image through it."""
+    torch.manual_seed(3)
+    classifier = ToyClassifier(8, 8, width=4, image_size=64).eval()
+    backbone = ClassifierBackbone(width=4, image_size=64)
+    backbone.load_classifier(classifier)
+    backbone.eval()
+    images = _images(batch=3)
+    features = backbone(images)
+    assert features.local.shape == (3, 16, 8, 8) and features.pooled.shape == (3, 64)
+    assert torch.allclose(features.pooled, classifier.features(images))
+    assert torch.allclose(features.local, classifier.body(images))
+    assert not backbone.frozen and all(p.requires_grad for p in backbone.parameters())
+    encoder = ObjectAwareImageEncoder(backbone, DIM, None, use_objects=False)
+    _tiscl(encoder, images[:2]).backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="width 8"):
+        ClassifierBackbone(width=8, image_size=64).load_classifier(classifier)
 
 
 def test_learned_state_dict_leaves_out_the_frozen_detector() -> None:

@@ -9,11 +9,13 @@ from cpgan.model.text_encoder import MemoryAttendedTextEncoder
 VOCAB, EMBED, HIDDEN, MEM_DIM = 12, 6, 8, 5
 
 
-def _encoder(memory: torch.Tensor | None = None, seed: int = 0) -> MemoryAttendedTextEncoder:
+def _encoder(memory: torch.Tensor | None = None, seed: int = 0,
+             sentence: str = "last") -> MemoryAttendedTextEncoder:
     torch.manual_seed(seed)
     if memory is None:
         memory = torch.randn(VOCAB, MEM_DIM)
-    return MemoryAttendedTextEncoder(VOCAB, EMBED, HIDDEN, memory, memory_hidden=7).eval()
+    return MemoryAttendedTextEncoder(VOCAB, EMBED, HIDDEN, memory, memory_hidden=7,
+                                     sentence=sentence).eval()
 
 
 def _padded(words: list[int], total: int, filler: int = 0) -> torch.Tensor:
@@ -41,9 +43,10 @@ def test_outputs_shapes_and_zero_padding() -> None:
     assert torch.all(words[0].abs().sum(dim=0) > 0)
 
 
-def test_padding_does_not_change_outputs() -> None:
+@pytest.mark.parametrize("sentence", ["last", "max"])
+def test_padding_does_not_change_outputs(sentence: str) -> None:
     """The same caption in batches of different widths, with different filler tokens."""
-    encoder = _encoder()
+    encoder = _encoder(sentence=sentence)
     caption = [4, 7, 3]
     short_w, short_s = encoder(_padded(caption, 3), torch.tensor([3]))
     long_w, long_s = encoder(_padded(caption, 9, filler=11), torch.tensor([3]))
@@ -64,6 +67,19 @@ def test_sentence_is_final_state_of_both_directions() -> None:
     assert torch.allclose(sentence[0, :half], words[0, :half, 2], atol=1e-6)
     assert torch.allclose(sentence[0, half:], words[0, half:, 0], atol=1e-6)
     assert not torch.allclose(sentence[0], words[0, :, 2], atol=1e-4)  # not w_T
+
+
+def test_max_sentence_is_the_maximum_over_real_words_only() -> None:
+    """s = max_t w_t over the caption's words: the zero W of padded steps never wins, even in
+    channels where every real word is negative."""
+    encoder = _encoder(sentence="max")
+    words, sentence = encoder(torch.tensor([[4, 5, 6, 0, 0], [7, 8, 9, 10, 11]]),
+                              torch.tensor([3, 5]))
+    assert torch.equal(sentence[0], words[0, :, :3].amax(dim=1))
+    assert torch.equal(sentence[1], words[1].amax(dim=1))
+    assert bool((sentence[0] < 0).any())  # a padded zero would have replaced these
+    with pytest.raises(ValueError, match="sentence pooling"):
+        MemoryAttendedTextEncoder(VOCAB, EMBED, HIDDEN, sentence="mean")
 
 
 def test_memory_rows_influence_the_words_that_use_them() -> None:

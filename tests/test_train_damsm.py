@@ -17,7 +17,8 @@ from cpgan.pipeline.toy import generate_toy_coco
 from cpgan.trainer import damsm
 from cpgan.trainer.data import TextImageDataset, collate
 
-from builders import CFG, random_detector, random_memory, toy_vocabulary, write_memory_file
+from builders import (CFG, random_detector, random_memory, toy_vocabulary, write_classifier_file,
+                      write_memory_file)
 
 MEMORY_DIM = 8
 TINY = """
@@ -43,14 +44,16 @@ def setup(tmp_path_factory) -> dict:
     memory = random_memory(len(vocab), MEMORY_DIM)  # global RNG, right after the detector
     (root / "tiny.toml").write_text(TINY)
     config = load_config("toy", root / "tiny.toml")
+    classifier = write_classifier_file(root / "classifier.pt", width=config.encoder.backbone_width)
     return {"root": root, "coco": coco, "vocab": vocab, "detector": detector,
-            "memory": memory, "config": config}
+            "memory": memory, "config": config, "classifier": classifier}
 
 
 def _train(setup, out: Path, epochs: int, resume: bool = False, **kw):
     setup["config"].encoder.epochs = epochs
     return damsm.train_damsm(setup["coco"], out, setup["config"], setup["vocab"],
                              kw.pop("memory", setup["memory"]), kw.pop("detector", setup["detector"]),
+                             classifier_weights=kw.pop("classifier", setup["classifier"]),
                              resume=resume, progress=False, threads=1, **kw)
 
 
@@ -114,8 +117,9 @@ def test_encoder_file_is_plain_and_records_what_it_needs(setup, straight):
     assert straight.model.name == "damsm.pt"
     assert "memory" not in data["text_encoder"]                  # lives in memory.h5
     assert not any(k.startswith("detector.") for k in data["image_encoder"])
-    assert any(k.startswith("backbone.") for k in data["image_encoder"])  # toy: trained
+    assert any(k.startswith("backbone.") for k in data["image_encoder"])  # fine-tuned: saved
     record = data["config"]
+    assert record["backbone"] == "classifier" and record["sentence_pooling"] == "max"
     assert record["use_memory"] and record["use_objects"] and record["text_dim"] == 8
     assert record["regions"]["roi_bins"] == 2 and record["memory_shape"] == [len(setup["vocab"]),
                                                                              MEMORY_DIM]
@@ -153,6 +157,46 @@ def test_load_pretrained_encoders_round_trip_and_refusals(setup, straight, tmp_p
     with pytest.raises(CpganError, match="another detector"):
         damsm.load_pretrained_encoders(straight.model, setup["vocab"], setup["config"],
                                        memory_file, retrained)
+
+
+def test_the_classifier_backbone_starts_from_the_fitted_classifier(setup, tmp_path):
+    """With no epoch to train, the saved backbone is exactly the classifier's trunk; a missing
+    classifier or one of another width is a one-line error naming what to do or the file."""
+    run = _train(setup, tmp_path / "start", epochs=0)
+    saved = _load(run.model)["image_encoder"]
+    trunk = _load(setup["classifier"])["state_dict"]
+    for key, value in trunk.items():
+        if key.startswith(("body.", "top.")):
+            assert torch.equal(saved[f"backbone.{key}"], value), key
+    assert not any(k.startswith("backbone.") and k[9:] not in trunk for k in saved)
+
+    with pytest.raises(CpganError, match="fit-classifier") as info:
+        _train(setup, tmp_path / "none", epochs=0, classifier=None)
+    assert "\n" not in str(info.value)
+    wide = write_classifier_file(tmp_path / "wide.pt", width=8)
+    with pytest.raises(CpganError) as info:
+        _train(setup, tmp_path / "wide", epochs=0, classifier=wide)
+    assert str(wide) in str(info.value) and "backbone_width" in str(info.value)
+
+
+def test_learning_rate_decays_per_epoch_until_below_a_tenth():
+    """AttnGAN's rule: multiply while the rate is above a tenth of the initial one."""
+    rates = [damsm.epoch_lr(2e-3, epoch, 0.5) for epoch in range(7)]
+    assert rates == pytest.approx([2e-3, 1e-3, 5e-4, 2.5e-4, 1.25e-4, 1.25e-4, 1.25e-4])
+    assert damsm.epoch_lr(1.0, 1) == pytest.approx(0.98)
+    assert damsm.epoch_lr(1.0, 500) == pytest.approx(0.98 ** 114)  # first below 0.1
+    assert damsm.epoch_lr(1e-3, 9, 1.0) == 1e-3
+
+
+def test_a_file_of_another_sentence_pooling_is_refused(setup, straight, tmp_path):
+    memory_file = tmp_path / "memory.h5"
+    write_memory_file(memory_file, setup["vocab"], setup["memory"])
+    other = load_config("toy", setup["root"] / "tiny.toml")
+    other.encoder.sentence_pooling = "last"
+    with pytest.raises(CpganError) as info:
+        damsm.load_pretrained_encoders(straight.model, setup["vocab"], other, memory_file,
+                                       setup["detector"])
+    assert "sentence_pooling" in str(info.value) and str(straight.model) in str(info.value)
 
 
 class _Payload:
@@ -198,6 +242,8 @@ def _exit_code(args: list[str]) -> int:
 def test_cli_trains_the_ablation_beside_then_skips_and_reports(setup, tmp_path, capsys):
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
+    (artifacts / "models").mkdir()
+    (artifacts / "models" / "classifier.pt").write_bytes(setup["classifier"].read_bytes())
     (artifacts / "vocab.json").write_bytes((setup["root"] / "vocab.json").read_bytes())
     args = ["--artifacts", str(artifacts), "--coco-root", str(setup["coco"]), "--config",
             str(setup["root"] / "tiny.toml"), "--no-memory", "--detector-weights",
@@ -215,6 +261,10 @@ def test_cli_trains_the_ablation_beside_then_skips_and_reports(setup, tmp_path, 
     assert _exit_code(["--stage", "damsm", *args[:6], "--memory", str(tmp_path / "missing.h5")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "missing.h5" in err and err.count("\n") == 1
+    (artifacts / "models" / "classifier.pt").unlink()
+    assert _exit_code(["--stage", "damsm", *args]) == 1
+    err = capsys.readouterr().err
+    assert "classifier.pt" in err and "fit-classifier" in err and err.count("\n") == 1
 
 
 def _check_variant_rows(models: Path) -> None:

@@ -28,8 +28,8 @@ from cpgan.pipeline.toy import generate_toy_coco
 from cpgan.trainer import damsm, gan
 from cpgan.trainer.data import TextImageDataset, collate, epoch_order
 
-from builders import random_detector, random_memory, toy_vocabulary, write_encoder_file, \
-    write_memory_file
+from builders import (random_detector, random_memory, toy_vocabulary, write_classifier_file,
+                      write_encoder_file, write_memory_file)
 
 MEMORY_DIM = 8
 TINY = """
@@ -294,6 +294,8 @@ def test_cli_stage_all_pretrains_missing_encoders_then_trains_the_gan(setup, tmp
     artifacts_root = tmp_path / "artifacts"
     artifacts_root.mkdir()
     (artifacts_root / "vocab.json").write_bytes((setup["root"] / "vocab.json").read_bytes())
+    write_classifier_file(artifacts_root / "models" / "classifier.pt",
+                          width=setup["config"].encoder.backbone_width)
     args = ["--artifacts", str(artifacts_root), "--coco-root", str(setup["coco"]), "--config",
             str(setup["root"] / "tiny.toml"), "--no-memory", "--no-oaie", "--epochs", "1"]
     assert _exit_code(args) == 0

@@ -5,11 +5,13 @@ train split with the DAMSM loss of supplementary §6.3 (Eq. 14-25) so that TISCL
 later judge generated images; the recipe is AttnGAN's ``pretrain_DAMSM.py``:
 
 * each step: a batch of real images with one caption each (:mod:`cpgan.trainer.data`, AttnGAN's
-  augmentation), W and s from MATE, V and f from OAIE, L = L^w + L^s (Eq. 25), both directions;
+  augmentation; ``encoder.random_crop = false`` keeps only its flip), W and s from MATE, V and f from OAIE, L = L^w + L^s (Eq. 25), both directions;
 * Adam with betas (0.5, 0.999) on every trainable parameter (MATE, the projections M_o, M_e and
-  the global map, and the toy backbone; Inception and the detector stay frozen), the
+  the global map, and the toy preset's backbone, which starts from the fitted scoring
+  classifier; Inception and the detector stay frozen), the
   gradient norm of the text encoder clipped to ``grad_clip`` (AttnGAN's RNN_GRAD_CLIP 0.25);
-* AttnGAN's learning-rate decay: x0.98 per epoch until a tenth of the initial rate.
+* AttnGAN's learning-rate decay: x``encoder.lr_decay`` per epoch (AttnGAN 0.98) until a tenth
+  of the initial rate.
 
 After every epoch: the validation DAMSM loss on fixed (image, caption) pairs of the val split
 and R-precision with the image's global feature f against sentence vectors s (DM-GAN's 1 true vs
@@ -53,6 +55,7 @@ from cpgan.config import Config, DetectorConfig, EncoderConfig
 from cpgan.errors import CpganError
 from cpgan.model.darknet import Darknet
 from cpgan.model.image_encoder import (
+    ClassifierBackbone,
     InceptionBackbone,
     ObjectAwareImageEncoder,
     ToyBackbone,
@@ -60,7 +63,7 @@ from cpgan.model.image_encoder import (
 )
 from cpgan.model.losses import damsm_loss
 from cpgan.model.metrics import CANDIDATES, FOLDS, r_precision, r_precision_in_batch
-from cpgan.model.text_encoder import MemoryAttendedTextEncoder
+from cpgan.model.text_encoder import SENTENCE_POOLING, MemoryAttendedTextEncoder
 from cpgan.model.yolo import YoloRegionExtractor
 from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.coco import CocoSplit
@@ -72,10 +75,9 @@ VAL_SPLIT = "val2014"
 MODEL_STEM = "damsm"
 FORMAT = 1
 ADAM_BETAS = (0.5, 0.999)       # AttnGAN's DAMSM optimiser
-LR_DECAY = 0.98                 # AttnGAN: lr *= 0.98 per epoch ...
-LR_FLOOR = 0.1                  # ... while lr > ENCODER_LR / 10
+LR_FLOOR = 0.1                  # AttnGAN: lr *= decay per epoch while lr > ENCODER_LR / 10
 ROI_SAMPLES_PER_BIN = 2         # region_features' sampling_ratio
-BACKBONES = ("toy", "inception")
+BACKBONES = ("classifier", "toy", "inception")
 _SIZE_KEYS = ("vocab_size", "word_embed_dim", "text_dim", "image_size", "backbone",
               "backbone_width", "use_memory", "use_objects")
 
@@ -152,15 +154,28 @@ def build_text_encoder(vocab_size: int, config: EncoderConfig,
     """MATE at the preset's sizes; ``memory=None`` is the plain AttnGAN encoder."""
     try:
         return MemoryAttendedTextEncoder(vocab_size, config.word_embed_dim, config.text_dim,
-                                         memory=memory, dropout=config.text_dropout)
+                                         memory=memory, dropout=config.text_dropout,
+                                         sentence=config.sentence_pooling)
     except ValueError as exc:
         raise CpganError(f"text encoder: {exc}") from None
 
 
 def build_image_encoder(config: EncoderConfig, extractor: YoloRegionExtractor | None,
-                        inception_weights: Path | None = None) -> ObjectAwareImageEncoder:
-    """OAIE with the preset's backbone; ``extractor=None`` drops V_o (``--no-oaie``)."""
-    if config.backbone == "toy":
+                        inception_weights: Path | None = None,
+                        classifier_weights: Path | None = None) -> ObjectAwareImageEncoder:
+    """OAIE with the preset's backbone; ``extractor=None`` drops V_o (``--no-oaie``).
+
+    The classifier backbone starts from ``classifier_weights`` (``models/classifier.pt``) when
+    given; without it the trunk is left as initialised, for loading a trained encoder file.
+    """
+    if config.backbone == "classifier":
+        try:
+            backbone = ClassifierBackbone(config.backbone_width, config.image_size)
+        except ValueError as exc:
+            raise CpganError(f"encoder.image_size / backbone_width: {exc}") from None
+        if classifier_weights is not None:
+            _start_from_classifier(backbone, classifier_weights)
+    elif config.backbone == "toy":
         try:
             backbone = ToyBackbone(config.image_size, config.backbone_width)
         except ValueError as exc:
@@ -179,6 +194,16 @@ def build_image_encoder(config: EncoderConfig, extractor: YoloRegionExtractor | 
                                    use_objects=extractor is not None)
 
 
+def _start_from_classifier(backbone: ClassifierBackbone, path: Path) -> None:
+    from cpgan.trainer.classifier import load_classifier
+
+    classifier = load_classifier(path, image_size=backbone.image_size)
+    if classifier.width != backbone.width:
+        raise CpganError(f"{path}: classifier has width {classifier.width}, "
+                         f"encoder.backbone_width is {backbone.width}")
+    backbone.load_classifier(classifier)
+
+
 def encoder_record(vocab_size: int, config: EncoderConfig, text: MemoryAttendedTextEncoder,
                    image: ObjectAwareImageEncoder, regions: dict[str, Any] | None) -> dict[str, Any]:
     """The ``config`` entry of the encoder file: sizes, switches, digests of frozen parts."""
@@ -186,7 +211,7 @@ def encoder_record(vocab_size: int, config: EncoderConfig, text: MemoryAttendedT
         "vocab_size": vocab_size, "word_embed_dim": config.word_embed_dim,
         "text_dim": config.text_dim, "image_size": config.image_size,
         "backbone": config.backbone, "backbone_width": config.backbone_width,
-        "use_memory": text.uses_memory, "use_objects": image.use_objects,
+        "sentence_pooling": text.sentence, "use_memory": text.uses_memory, "use_objects": image.use_objects,
         "memory_shape": list(text.memory.shape) if text.uses_memory else None,
         "memory_sha256": tensor_digest([("memory", text.memory)]) if text.uses_memory else None,
         "detector_sha256": module_digest(image.detector.darknet) if image.detector else None,
@@ -235,13 +260,14 @@ def _check_against_config(path: Path, record: dict[str, Any], config: Config) ->
     """A file trained with other sizes than ``config`` asks for is refused, naming the first."""
     encoder = config.encoder
     wanted = {"word_embed_dim": encoder.word_embed_dim, "text_dim": encoder.text_dim,
-              "image_size": encoder.image_size, "backbone": encoder.backbone}
-    if encoder.backbone == "toy":
+              "image_size": encoder.image_size, "backbone": encoder.backbone,
+              "sentence_pooling": encoder.sentence_pooling}
+    if encoder.backbone != "inception":
         wanted["backbone_width"] = encoder.backbone_width
     for key, value in wanted.items():
-        if record[key] != value:
+        if _recorded(record, key) != value:
             raise CpganError(f"{path}: encoders were trained with encoder.{key} = "
-                             f"{record[key]!r}, the config has {value!r} (retrain with "
+                             f"{_recorded(record, key)!r}, the config has {value!r} (retrain with "
                              f"'cpgan-train --stage damsm' or use the matching preset)")
     regions = record.get("regions")
     if regions is not None:
@@ -250,6 +276,11 @@ def _check_against_config(path: Path, record: dict[str, Any], config: Config) ->
                 raise CpganError(f"{path}: encoders were trained with detector.{key} = "
                                  f"{regions.get(key)!r}, the config has "
                                  f"{getattr(config.detector, key)!r}")
+
+
+def _recorded(record: dict[str, Any], key: str) -> Any:
+    """A recorded encoder setting; files from before ``sentence_pooling`` existed used "last"."""
+    return record.get(key, "last") if key == "sentence_pooling" else record[key]
 
 
 def load_pretrained_encoders(
@@ -296,9 +327,12 @@ def load_pretrained_encoders(
             raise CpganError(f"{path}: encoders were trained with another detector "
                              f"({detector.source} has other weights)")
         extractor = build_region_extractor(detector, record["regions"])
+    pooling = _recorded(record, "sentence_pooling")
+    if pooling not in SENTENCE_POOLING:
+        raise CpganError(f"{path}: unknown sentence pooling {pooling!r}")
     sizes = EncoderConfig(word_embed_dim=record["word_embed_dim"], text_dim=record["text_dim"],
                           image_size=record["image_size"], backbone=record["backbone"],
-                          backbone_width=record["backbone_width"])
+                          backbone_width=record["backbone_width"], sentence_pooling=pooling)
     text = build_text_encoder(record["vocab_size"], sizes, memory)
     image = build_image_encoder(sizes, extractor,
                                 Path(inception_weights) if inception_weights else None)
@@ -389,10 +423,13 @@ def _save(path: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
-def epoch_lr(base_lr: float, epoch: int) -> float:
-    """AttnGAN's schedule: x0.98 per finished epoch, stopping once below a tenth."""
-    decays = math.ceil(math.log(LR_FLOOR) / math.log(LR_DECAY))
-    return base_lr * LR_DECAY ** min(epoch, decays)
+def epoch_lr(base_lr: float, epoch: int, decay: float = 0.98) -> float:
+    """AttnGAN's schedule: x``decay`` (AttnGAN 0.98) per finished epoch, stopping once below a
+    tenth; ``decay`` 1 keeps the rate constant."""
+    if decay >= 1.0:
+        return base_lr
+    decays = math.ceil(math.log(LR_FLOOR) / math.log(decay))
+    return base_lr * decay ** min(epoch, decays)
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,6 +531,7 @@ def train_damsm(
     detector: Darknet | None = None,
     inception_weights: Path | None = None,
     *,
+    classifier_weights: Path | None = None,
     device: str = "cpu",
     resume: bool = False,
     progress: bool = True,
@@ -506,8 +544,9 @@ def train_damsm(
 
     ``memory`` (the bank's ``[V, D]`` tensor) switches MATE's memory on, ``detector`` (a loaded,
     frozen Darknet) switches on V_o; without them this is the ``--no-memory`` / ``--no-oaie``
-    ablation, written under its own name. Epochs, batch size and learning rate come from
-    ``config.encoder``. ``limit`` / ``val_limit`` keep the first N captioned images of each
+    ablation, written under its own name. The classifier backbone (toy preset) starts from
+    ``classifier_weights``, the fitted toy scoring classifier. Epochs, batch size and learning
+    rate come from ``config.encoder``. ``limit`` / ``val_limit`` keep the first N captioned images of each
     split; ``threads`` pins the compute threads (default: the idle cores, see
     :func:`cpgan.trainer.detector.choose_threads`).
     """
@@ -517,7 +556,8 @@ def train_damsm(
     torch.set_num_threads(choose_threads(threads))
     try:
         return _train(Path(coco_root), Path(models_dir), config, vocab, memory, detector,
-                      inception_weights, device, resume, progress, limit, val_limit, num_workers)
+                      (inception_weights, classifier_weights), device, resume, progress, limit,
+                      val_limit, num_workers)
     finally:
         torch.set_num_threads(previous)
 
@@ -526,7 +566,8 @@ def _datasets(coco_root: Path, config: Config, vocab: Vocabulary, limit: int | N
               val_limit: int | None) -> tuple[TextImageDataset, TextImageDataset]:
     size, words = config.encoder.image_size, config.data.max_caption_words
     train = TextImageDataset(CocoSplit.open(coco_root, TRAIN_SPLIT), vocab, words, [size],
-                             augment=True, seed=config.seed, limit=limit)
+                             augment=True, seed=config.seed, limit=limit,
+                             crop=config.encoder.random_crop)
     val = TextImageDataset(CocoSplit.open(coco_root, VAL_SPLIT), vocab, words, [size],
                            augment=False, seed=config.seed, limit=val_limit)
     for dataset, split in ((train, TRAIN_SPLIT), (val, VAL_SPLIT)):
@@ -546,20 +587,26 @@ def _settings(record: dict[str, Any], config: Config, limit: int | None,
 
 
 def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
-           memory: Tensor | None, detector: Darknet | None, inception_weights: Path | None,
+           memory: Tensor | None, detector: Darknet | None,
+           backbone_weights: tuple[Path | None, Path | None],
            device: str, resume: bool, progress: bool, limit: int | None,
            val_limit: int | None, num_workers: int) -> DamsmRun:
     start = time.perf_counter()
     encoder = config.encoder
-    if encoder.epochs < 0 or encoder.batch_size < 1 or encoder.lr <= 0:
-        raise CpganError(f"DAMSM needs epochs >= 0, batch size >= 1 and lr > 0, got "
-                         f"{encoder.epochs}, {encoder.batch_size}, {encoder.lr}")
+    if encoder.epochs < 0 or encoder.batch_size < 1 or encoder.lr <= 0 or \
+            not 0 < encoder.lr_decay <= 1:
+        raise CpganError(f"DAMSM needs epochs >= 0, batch size >= 1, lr > 0 and 0 < lr_decay "
+                         f"<= 1, got {encoder.epochs}, {encoder.batch_size}, {encoder.lr}, "
+                         f"{encoder.lr_decay}")
+    if encoder.backbone == "classifier" and backbone_weights[1] is None:
+        raise CpganError("the classifier backbone starts from the toy scoring classifier: run "
+                         "'cpgan-eval fit-classifier' first (models/classifier.pt)")
     torch.manual_seed(config.seed)
     train_set, val_set = _datasets(coco_root, config, vocab, limit, val_limit)
     regions = region_settings(detector, config.detector) if detector is not None else None
     extractor = build_region_extractor(detector, regions) if detector is not None else None
     text = build_text_encoder(len(vocab), encoder, memory).to(device)
-    image = build_image_encoder(encoder, extractor, inception_weights).to(device)
+    image = build_image_encoder(encoder, extractor, *backbone_weights).to(device)
     record = encoder_record(len(vocab), encoder, text, image, regions)
     parameters = [p for p in [*text.parameters(), *image.parameters()] if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=encoder.lr, betas=ADAM_BETAS)
@@ -573,7 +620,7 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
     name = model_name(use_memory, use_objects)
     for epoch in range(state.epoch, encoder.epochs):
         for group in optimizer.param_groups:
-            group["lr"] = epoch_lr(encoder.lr, epoch)
+            group["lr"] = epoch_lr(encoder.lr, epoch, encoder.lr_decay)
         loader = make_loader(train_set, encoder.batch_size, epoch=epoch, shuffle=True,
                              num_workers=num_workers, exclude=state.failed_indices)
         with tqdm(total=len(loader.sampler), desc=f"{name} {epoch + 1}/{encoder.epochs}",

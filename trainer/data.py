@@ -4,7 +4,9 @@ One item is one image of a split with one of its captions, as AttnGAN's ``TextDa
 
 * training (``augment=True``): a caption drawn at random per image *per epoch*, and AttnGAN's
   augmentation -- resize the shorter side to ``int(S * 76 / 64)``, a random ``S x S`` crop, a
-  random horizontal flip (``S`` the largest output size);
+  random horizontal flip (``S`` the largest output size); with ``crop=False`` only the flip,
+  on the evaluation's view of the image (the toy preset's DAMSM pretraining: see
+  ``configs/toy.toml``);
 * evaluation (``augment=False``): a caption fixed per image by the seed (the same pairs in every
   epoch and every run, so validation numbers are comparable), and the deterministic
   counterpart of the augmentation: shorter side resized to ``S``, centre ``S x S`` crop (a
@@ -121,15 +123,20 @@ def resize_shorter_side(image: Tensor, side: int) -> Tensor:
     return resize(image, max(side, int(side * height / width)), side)
 
 
-def augment_image(image: Tensor, size: int, rng: np.random.Generator) -> Tensor:
+def augment_image(image: Tensor, size: int, rng: np.random.Generator,
+                  crop: bool = True) -> Tensor:
     """AttnGAN's training augmentation: shorter side to ``int(size * 76 / 64)``, a random
-    ``size x size`` crop, a horizontal flip with probability 1/2."""
-    scaled = resize_shorter_side(image, int(size * RESIZE_NUMERATOR / RESIZE_DENOMINATOR))
-    height, width = scaled.shape[-2:]
-    top = int(rng.integers(height - size + 1))
-    left = int(rng.integers(width - size + 1))
-    crop = scaled[:, top:top + size, left:left + size]
-    return crop.flip(-1) if rng.random() < FLIP_PROBABILITY else crop
+    ``size x size`` crop, a horizontal flip with probability 1/2. ``crop=False``: the flip
+    alone, of :func:`eval_image`'s view."""
+    if crop:
+        scaled = resize_shorter_side(image, int(size * RESIZE_NUMERATOR / RESIZE_DENOMINATOR))
+        height, width = scaled.shape[-2:]
+        top = int(rng.integers(height - size + 1))
+        left = int(rng.integers(width - size + 1))
+        view = scaled[:, top:top + size, left:left + size]
+    else:
+        view = eval_image(image, size)
+    return view.flip(-1) if rng.random() < FLIP_PROBABILITY else view
 
 
 def eval_image(image: Tensor, size: int) -> Tensor:
@@ -161,6 +168,7 @@ class TextImageDataset(Dataset):
 
     ``image_ids`` restricts the dataset (default: every captioned image of the split, in id
     order; ``limit`` keeps the first N of them). ``sizes`` are the output sizes, ascending.
+    ``crop=False`` leaves the random crop out of the training augmentation (flip only).
     Set :attr:`epoch` before each epoch when ``augment`` (:func:`make_loader` does).
     """
 
@@ -174,6 +182,7 @@ class TextImageDataset(Dataset):
         seed: int = 0,
         image_ids: Sequence[int] | None = None,
         limit: int | None = None,
+        crop: bool = True,
     ) -> None:
         if max_words < 1:
             raise ValueError(f"max_words must be positive, got {max_words}")
@@ -183,6 +192,7 @@ class TextImageDataset(Dataset):
         self.max_words = max_words
         self.sizes = tuple(int(s) for s in sizes)
         self.augment = augment
+        self.crop = crop
         self.seed = seed
         self.epoch = 0
         candidates = split.captioned_image_ids() if image_ids is None else list(image_ids)
@@ -223,7 +233,8 @@ class TextImageDataset(Dataset):
             return Sample(index, image_id, caption_id, None, caption, len(ids), str(err))
         image = to_unit_tensor(rgb)
         largest = self.sizes[-1]
-        image = augment_image(image, largest, rng) if self.augment else eval_image(image, largest)
+        image = (augment_image(image, largest, rng, self.crop) if self.augment
+                 else eval_image(image, largest))
         return Sample(index, image_id, caption_id, pyramid(image, self.sizes), caption, len(ids))
 
 
