@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 # One line per stage with its key figure; every stage skips work that is already done.
-# The whole chain fits in 30 minutes on two idle CPU cores (measured: RESULTS.md).
+# The whole chain is budgeted at 30 minutes on two idle CPU cores (measured: RESULTS.md).
 demo: $(STAMP)
 	$(PREP) make-toy $(A)
 	$(PREP) vocab $(A)
