@@ -276,7 +276,7 @@ class DamsmJob(_TrainingJob):
                 "limit": self.limit, "val_limit": self.val_limit}
 
     def inputs(self) -> list[Path]:
-        return self._inputs(*[p for p in (self.classifier_weights,) if p is not None])
+        return self._inputs(*([self.classifier_weights] if self.classifier_weights else []))
 
     @property
     def main_variant(self) -> bool:

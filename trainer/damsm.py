@@ -5,7 +5,8 @@ train split with the DAMSM loss of supplementary §6.3 (Eq. 14-25) so that TISCL
 later judge generated images; the recipe is AttnGAN's ``pretrain_DAMSM.py``:
 
 * each step: a batch of real images with one caption each (:mod:`cpgan.trainer.data`, AttnGAN's
-  augmentation; ``encoder.random_crop = false`` keeps only its flip), W and s from MATE, V and f from OAIE, L = L^w + L^s (Eq. 25), both directions;
+  augmentation; ``encoder.random_crop = false`` keeps only its flip), W and s from MATE, V
+  and f from OAIE, L = L^w + L^s (Eq. 25), both directions;
 * Adam with betas (0.5, 0.999) on every trainable parameter (MATE, the projections M_o, M_e and
   the global map, and the toy preset's backbone, which starts from the fitted scoring
   classifier; Inception and the detector stay frozen), the
@@ -211,7 +212,8 @@ def encoder_record(vocab_size: int, config: EncoderConfig, text: MemoryAttendedT
         "vocab_size": vocab_size, "word_embed_dim": config.word_embed_dim,
         "text_dim": config.text_dim, "image_size": config.image_size,
         "backbone": config.backbone, "backbone_width": config.backbone_width,
-        "sentence_pooling": text.sentence, "use_memory": text.uses_memory, "use_objects": image.use_objects,
+        "sentence_pooling": text.sentence, "use_memory": text.uses_memory,
+        "use_objects": image.use_objects,
         "memory_shape": list(text.memory.shape) if text.uses_memory else None,
         "memory_sha256": tensor_digest([("memory", text.memory)]) if text.uses_memory else None,
         "detector_sha256": module_digest(image.detector.darknet) if image.detector else None,
@@ -546,8 +548,8 @@ def train_damsm(
     frozen Darknet) switches on V_o; without them this is the ``--no-memory`` / ``--no-oaie``
     ablation, written under its own name. The classifier backbone (toy preset) starts from
     ``classifier_weights``, the fitted toy scoring classifier. Epochs, batch size and learning
-    rate come from ``config.encoder``. ``limit`` / ``val_limit`` keep the first N captioned images of each
-    split; ``threads`` pins the compute threads (default: the idle cores, see
+    rate come from ``config.encoder``. ``limit`` / ``val_limit`` keep the first N captioned
+    images of each split; ``threads`` pins the compute threads (default: the idle cores, see
     :func:`cpgan.trainer.detector.choose_threads`).
     """
     from cpgan.trainer.detector import choose_threads
