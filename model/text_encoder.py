@@ -24,8 +24,8 @@ independent of how much padding follows the caption (``sentence="last"``, the pa
 
 ``sentence="max"`` (the toy preset) takes instead the element-wise maximum of the word features
 w_1..w_T over the real words, InferSent's max-pooled Bi-LSTM (Conneau et al., 2017). The final
-states must carry every word through the recurrence, and early in training they mostly carry
-the last few; the maximum gives each word a direct path to s. On the toy set this is what makes
+states must carry every word through the whole recurrence; the maximum gives each word a
+direct path to s. On the toy set this is what makes
 a short pretraining possible: with the classifier-initialised image backbone, val R-precision
 after 100 / 200 / 500 steps was 0.82 / 0.87 / 0.91 with ``"max"`` and 0.37 / 0.70 / 0.82 with
 ``"last"`` (``bench/damsm_recipe.py``). It is a departure from the paper, so the paper preset
