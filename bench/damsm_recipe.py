@@ -101,7 +101,7 @@ def backbone(a: argparse.Namespace):
         return (ToyBackbone if a.pool == "max" else AvgToyBackbone)(SIZE, a.width)
     classifier = load_classifier(a.artifacts / "models" / "classifier.pt", image_size=SIZE)
     net = ClassifierBackbone(classifier.width, SIZE)
-    net.load_classifier(classifier)
+    net.start_from(classifier)
     if a.backbone == "classifier-frozen":
         net.frozen = True
         net.requires_grad_(False)

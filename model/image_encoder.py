@@ -193,7 +193,7 @@ class ClassifierBackbone(ImageBackbone):
     object, plus a per-cell auxiliary head). This backbone is its trunk: the stride-8 map
     (``4 * width`` channels, 8 x 8 at 64 px) is the local map, Mixed_6e's role, and the
     max-pooled top convolution (``16 * width``) the global vector, pool3's role. Start it
-    from a fitted classifier with :meth:`load_classifier`.
+    from a fitted classifier with :meth:`start_from`.
 
     Unlike Inception it is fine-tuned during DAMSM pretraining (``frozen`` is False): a
     classifier fitted in minutes on 4,000 images knows shapes far less well than Inception
@@ -217,7 +217,7 @@ class ClassifierBackbone(ImageBackbone):
         self.global_dim = 16 * width
         self.body, self.top = classifier_trunk(width)
 
-    def load_classifier(self, classifier: ToyClassifier) -> None:
+    def start_from(self, classifier: ToyClassifier) -> None:
         """Copy a fitted classifier's trunk (same width and image size) into this backbone."""
         if (classifier.width, classifier.image_size) != (self.width, self.image_size):
             raise ValueError(f"classifier has width {classifier.width} at "

@@ -106,7 +106,7 @@ def test_classifier_backbone_is_the_fitted_classifiers_trunk() -> None:
     torch.manual_seed(3)
     classifier = ToyClassifier(8, 8, width=4, image_size=64).eval()
     backbone = ClassifierBackbone(width=4, image_size=64)
-    backbone.load_classifier(classifier)
+    backbone.start_from(classifier)
     backbone.eval()
     images = _images(batch=3)
     features = backbone(images)
@@ -118,7 +118,7 @@ def test_classifier_backbone_is_the_fitted_classifiers_trunk() -> None:
     _tiscl(encoder, images[:2]).backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="width 8"):
-        ClassifierBackbone(width=8, image_size=64).load_classifier(classifier)
+        ClassifierBackbone(width=8, image_size=64).start_from(classifier)
 
 
 def test_learned_state_dict_leaves_out_the_frozen_detector() -> None:

@@ -197,6 +197,14 @@ def test_a_file_of_another_sentence_pooling_is_refused(setup, straight, tmp_path
         damsm.load_pretrained_encoders(straight.model, setup["vocab"], other, memory_file,
                                        setup["detector"])
     assert "sentence_pooling" in str(info.value) and str(straight.model) in str(info.value)
+    older = tmp_path / "older" / "damsm.pt"   # written before files recorded the pooling
+    older.parent.mkdir()
+    data = _load(straight.model)
+    del data["config"]["sentence_pooling"]
+    torch.save(data, older)
+    text, _ = damsm.load_pretrained_encoders(older, setup["vocab"], other, memory_file,
+                                             setup["detector"])
+    assert text.sentence == "last"
 
 
 class _Payload:

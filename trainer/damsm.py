@@ -199,10 +199,10 @@ def _start_from_classifier(backbone: ClassifierBackbone, path: Path) -> None:
     from cpgan.trainer.classifier import load_classifier
 
     classifier = load_classifier(path, image_size=backbone.image_size)
-    if classifier.width != backbone.width:
-        raise CpganError(f"{path}: classifier has width {classifier.width}, "
-                         f"encoder.backbone_width is {backbone.width}")
-    backbone.load_classifier(classifier)
+    try:
+        backbone.start_from(classifier)
+    except ValueError as exc:
+        raise CpganError(f"{path}: {exc} (encoder.backbone_width)") from None
 
 
 def encoder_record(vocab_size: int, config: EncoderConfig, text: MemoryAttendedTextEncoder,
@@ -267,9 +267,10 @@ def _check_against_config(path: Path, record: dict[str, Any], config: Config) ->
     if encoder.backbone != "inception":
         wanted["backbone_width"] = encoder.backbone_width
     for key, value in wanted.items():
-        if _recorded(record, key) != value:
+        recorded = _recorded(record, key)
+        if recorded != value:
             raise CpganError(f"{path}: encoders were trained with encoder.{key} = "
-                             f"{_recorded(record, key)!r}, the config has {value!r} (retrain with "
+                             f"{recorded!r}, the config has {value!r} (retrain with "
                              f"'cpgan-train --stage damsm' or use the matching preset)")
     regions = record.get("regions")
     if regions is not None:
@@ -558,7 +559,7 @@ def train_damsm(
     torch.set_num_threads(choose_threads(threads))
     try:
         return _train(Path(coco_root), Path(models_dir), config, vocab, memory, detector,
-                      (inception_weights, classifier_weights), device, resume, progress, limit,
+                      inception_weights, classifier_weights, device, resume, progress, limit,
                       val_limit, num_workers)
     finally:
         torch.set_num_threads(previous)
@@ -589,10 +590,9 @@ def _settings(record: dict[str, Any], config: Config, limit: int | None,
 
 
 def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
-           memory: Tensor | None, detector: Darknet | None,
-           backbone_weights: tuple[Path | None, Path | None],
-           device: str, resume: bool, progress: bool, limit: int | None,
-           val_limit: int | None, num_workers: int) -> DamsmRun:
+           memory: Tensor | None, detector: Darknet | None, inception_weights: Path | None,
+           classifier_weights: Path | None, device: str, resume: bool, progress: bool,
+           limit: int | None, val_limit: int | None, num_workers: int) -> DamsmRun:
     start = time.perf_counter()
     encoder = config.encoder
     if encoder.epochs < 0 or encoder.batch_size < 1 or encoder.lr <= 0 or \
@@ -600,7 +600,7 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
         raise CpganError(f"DAMSM needs epochs >= 0, batch size >= 1, lr > 0 and 0 < lr_decay "
                          f"<= 1, got {encoder.epochs}, {encoder.batch_size}, {encoder.lr}, "
                          f"{encoder.lr_decay}")
-    if encoder.backbone == "classifier" and backbone_weights[1] is None:
+    if encoder.backbone == "classifier" and classifier_weights is None:
         raise CpganError("the classifier backbone starts from the toy scoring classifier: run "
                          "'cpgan-eval fit-classifier' first (models/classifier.pt)")
     torch.manual_seed(config.seed)
@@ -608,7 +608,8 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
     regions = region_settings(detector, config.detector) if detector is not None else None
     extractor = build_region_extractor(detector, regions) if detector is not None else None
     text = build_text_encoder(len(vocab), encoder, memory).to(device)
-    image = build_image_encoder(encoder, extractor, *backbone_weights).to(device)
+    image = build_image_encoder(encoder, extractor, inception_weights,
+                                classifier_weights).to(device)
     record = encoder_record(len(vocab), encoder, text, image, regions)
     parameters = [p for p in [*text.parameters(), *image.parameters()] if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=encoder.lr, betas=ADAM_BETAS)
