@@ -301,7 +301,10 @@ class ObjectAwareImageEncoder(nn.Module):
             self.backbone.eval()
         return self
 
-    def forward(self, images: Tensor) -> ImageEncoding:
+    def forward(self, images: Tensor, detections: RegionOutput | None = None) -> ImageEncoding:
+        """``detections``: the detector's output for these very images, computed earlier
+        (:meth:`detect`); DAMSM pretraining reuses it (:mod:`cpgan.trainer.region_cache`), as
+        the frozen detector gives a real image the same V_o every time it sees it."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected [B, 3, H, W] images, got {tuple(images.shape)}")
         features = self.backbone(images)
@@ -310,15 +313,21 @@ class ObjectAwareImageEncoder(nn.Module):
         grid_mask = torch.ones(local.shape[0], local.shape[2], dtype=torch.bool,
                                device=local.device)
         if self.detector is None:
+            if detections is not None:
+                raise ValueError("detections were given to an encoder without object features")
             return ImageEncoding(local, global_feature, grid_mask, None)
-        detections = self._detect(images)
+        if detections is None:
+            detections = self.detect(images)
+        elif detections.features.shape[0] != images.shape[0]:
+            raise ValueError(f"detections for {detections.features.shape[0]} images, "
+                             f"got {images.shape[0]} images")
         object_mask = detections.labels >= 0
         objects = self.project_objects(detections.features).transpose(1, 2)
         objects = objects * object_mask.unsqueeze(1).to(objects.dtype)
         return ImageEncoding(torch.cat([objects, local], dim=2), global_feature,
                              torch.cat([object_mask, grid_mask], dim=1), detections)
 
-    def _detect(self, images: Tensor) -> RegionOutput:
+    def detect(self, images: Tensor) -> RegionOutput:
         """V_o: boxes picked without gradient, RoIAlign features differentiable to ``images``."""
         network_input, _ = letterbox_tensor(images, self.detector_size, input_range=(-1.0, 1.0))
         return self.detector(network_input)

@@ -63,7 +63,7 @@ def test_training_items_have_every_size_in_range_and_vary_by_epoch(split, vocab)
 def test_augmentation_follows_attngan_on_a_non_square_image():
     rgb = np.random.default_rng(0).integers(0, 256, size=(40, 80, 3), dtype=np.uint8)
     image = to_unit_tensor(rgb)
-    crops = [augment_image(image, 32, np.random.default_rng(seed)) for seed in range(20)]
+    crops = [augment_image(image, 32, np.random.default_rng(seed))[0] for seed in range(20)]
     assert all(tuple(c.shape) == (3, 32, 32) for c in crops)
     assert len({c.sum().item() for c in crops}) > 10  # random crops and flips
     centre = eval_image(image, 32)
@@ -80,9 +80,29 @@ def test_without_the_crop_augmentation_is_the_evaluation_view_or_its_mirror():
     centre = eval_image(image, 32)
     views = [augment_image(image, 32, np.random.default_rng(seed), crop=False)
              for seed in range(20)]
-    flipped = [torch.equal(v, centre.flip(-1)) for v in views]
-    assert all(f or torch.equal(v, centre) for v, f in zip(views, flipped))
+    flipped = [torch.equal(v, centre.flip(-1)) for v, _ in views]
+    assert all(f or torch.equal(v, centre) for (v, _), f in zip(views, flipped))
+    assert [f for _, f in views] == flipped  # the flag says which
     assert 0 < sum(flipped) < len(views)
+
+
+def test_fixed_views_are_exactly_the_views_training_without_crop_produces(split, vocab):
+    dataset = _dataset(split, vocab, sizes=(16, 32), crop=False)
+    seen = set()
+    for epoch in range(6):
+        dataset.epoch = epoch
+        for index in range(3):
+            item = dataset[index]
+            (fixed,) = dataset.fixed_views(index, (item.flipped,))
+            assert fixed.flipped == item.flipped
+            assert all(torch.equal(a, b) for a, b in zip(item.images, fixed.images))
+            seen.add(item.flipped)
+    assert seen == {False, True}
+    plain, mirrored = dataset.fixed_views(0, (False, True))
+    assert torch.equal(plain.images[1].flip(-1), mirrored.images[1])
+    assert not torch.equal(plain.images[1], mirrored.images[1])
+    batch = collate([plain, mirrored])
+    assert batch.flipped.tolist() == [False, True] and batch.indices.tolist() == [0, 0]
 
 
 def test_pixel_range_maps_black_to_minus_one_and_white_to_one():

@@ -31,6 +31,11 @@ file whose parts do not match. ``<name>`` is ``damsm``, with ``-no-memory`` / ``
 appended for the ablations (plain AttnGAN text encoder / no object features V_o), so an
 ablation never overwrites the main encoders.
 
+V_o cache. Where the training views repeat (no random crop) the frozen detector runs once
+per view before the first epoch instead of once per step, and once per val image
+(:mod:`cpgan.trainer.region_cache`); the figures are the same as without the cache up to
+floating-point rounding.
+
 Region features. OAIE's V_o uses the detector with the preset's feature layer, region count,
 score threshold and NMS IoU. RoIAlign samples each box on ``ceil(map side / 2)`` bins of 2 x 2
 points (:func:`roi_bins`): 7 bins for YOLOv3's 13 x 13 map at 416 px, the project's default,
@@ -70,6 +75,7 @@ from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.text import Vocabulary
 from cpgan.trainer.data import Batch, TextImageDataset, batches, make_loader
+from cpgan.trainer.region_cache import RegionCache, cache_bytes
 
 TRAIN_SPLIT = "train2014"
 VAL_SPLIT = "val2014"
@@ -78,6 +84,7 @@ FORMAT = 1
 ADAM_BETAS = (0.5, 0.999)       # AttnGAN's DAMSM optimiser
 LR_FLOOR = 0.1                  # AttnGAN: lr *= decay per epoch while lr > ENCODER_LR / 10
 ROI_SAMPLES_PER_BIN = 2         # region_features' sampling_ratio
+REGION_CACHE_LIMIT = 2 * 1024**3  # bytes a V_o cache may take (toy: 300 MB for train)
 BACKBONES = ("classifier", "toy", "inception")
 _SIZE_KEYS = ("vocab_size", "word_embed_dim", "text_dim", "image_size", "backbone",
               "backbone_width", "use_memory", "use_objects")
@@ -440,10 +447,14 @@ def epoch_lr(base_lr: float, epoch: int, decay: float = 0.98) -> float:
 
 
 def _loss(text: MemoryAttendedTextEncoder, image: ObjectAwareImageEncoder, batch: Batch,
-          config: EncoderConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """L^w + L^s (Eq. 25) of a batch, with f and s for R-precision."""
+          config: EncoderConfig, regions: RegionCache | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """L^w + L^s (Eq. 25) of a batch, with f and s for R-precision; V_o's detections come from
+    ``regions`` when it holds the batch's views."""
     words, sentence = text(batch.captions, batch.lengths)
-    encoded = image(batch.images[-1])
+    images = batch.images[-1]
+    detections = (regions.lookup(batch.indices, batch.flipped, images.device)
+                  if regions is not None else None)
+    encoded = image(images, detections)
     loss, _ = damsm_loss(words, batch.lengths, sentence, encoded.regions, encoded.global_feature,
                          config.gamma1, config.gamma2, config.gamma3,
                          region_mask=encoded.region_mask)
@@ -451,13 +462,13 @@ def _loss(text: MemoryAttendedTextEncoder, image: ObjectAwareImageEncoder, batch
 
 
 def _train_epoch(state: TrainState, loader: Iterable[Batch], config: EncoderConfig,
-                 device: str, bar: tqdm) -> float:
+                 device: str, bar: tqdm, regions: RegionCache | None = None) -> float:
     """One pass; returns the mean training loss over the epoch's batches."""
     state.text.train()
     state.image.train()
     total, steps, running = 0.0, 0, None
     for batch in batches(loader, state.failed, state.failed_indices):
-        loss, _, _ = _loss(state.text, state.image, batch.to(device), config)
+        loss, _, _ = _loss(state.text, state.image, batch.to(device), config, regions)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(state.text.parameters(), config.grad_clip)
@@ -473,7 +484,8 @@ def _train_epoch(state: TrainState, loader: Iterable[Batch], config: EncoderConf
 @torch.no_grad()
 def evaluate(text: MemoryAttendedTextEncoder, image: ObjectAwareImageEncoder,
              dataset: TextImageDataset, config: EncoderConfig, batch_size: int, seed: int,
-             device: str = "cpu", num_workers: int = 0) -> dict[str, float]:
+             device: str = "cpu", num_workers: int = 0,
+             regions: RegionCache | None = None) -> dict[str, float]:
     """Val DAMSM loss (fixed pairs, fixed batches) and R-precision of f against s.
 
     R-precision ranks each image's own caption among ``min(100, N)`` candidates (DM-GAN,
@@ -485,7 +497,7 @@ def evaluate(text: MemoryAttendedTextEncoder, image: ObjectAwareImageEncoder,
     losses, images, sentences, failed = [], [], [], {}
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers)
     for batch in batches(loader, failed):
-        loss, global_feature, sentence = _loss(text, image, batch.to(device), config)
+        loss, global_feature, sentence = _loss(text, image, batch.to(device), config, regions)
         losses.append((float(loss), len(batch)))
         images.append(global_feature.cpu())
         sentences.append(sentence.cpu())
@@ -621,6 +633,10 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
         state.restore(_load_checkpoint(checkpoint, settings, encoder.epochs))
 
     name = model_name(use_memory, use_objects)
+    train_regions = val_regions = None
+    if use_objects and state.epoch < encoder.epochs:
+        train_regions, val_regions = _region_caches(image, train_set, val_set, config, device,
+                                                    state, progress)
     for epoch in range(state.epoch, encoder.epochs):
         for group in optimizer.param_groups:
             group["lr"] = epoch_lr(encoder.lr, epoch, encoder.lr_decay)
@@ -628,9 +644,9 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
                              num_workers=num_workers, exclude=state.failed_indices)
         with tqdm(total=len(loader.sampler), desc=f"{name} {epoch + 1}/{encoder.epochs}",
                   unit="img", disable=not progress, leave=False) as bar:
-            train_loss = _train_epoch(state, loader, encoder, device, bar)
+            train_loss = _train_epoch(state, loader, encoder, device, bar, train_regions)
         metrics = evaluate(text, image, val_set, encoder, encoder.batch_size, config.seed,
-                           device, num_workers)
+                           device, num_workers, val_regions)
         state.history.append({"epoch": float(epoch + 1), "train_loss": train_loss, **metrics})
         state.epoch = epoch + 1
         _save(checkpoint, state.to_checkpoint(settings))
@@ -647,6 +663,28 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
     return DamsmRun(target, encoder.epochs, len(train_set) - len(state.failed),
                     len(state.failed), time.perf_counter() - start, torch.get_num_threads(),
                     dict(metrics), [dict(h) for h in state.history])
+
+
+def _region_caches(image: ObjectAwareImageEncoder, train_set: TextImageDataset,
+                   val_set: TextImageDataset, config: Config, device: str, state: TrainState,
+                   progress: bool) -> tuple[RegionCache | None, RegionCache | None]:
+    """V_o caches (:mod:`cpgan.trainer.region_cache`) for the train views, when they repeat
+    (no random crop: the evaluation view and its mirror), and for the val views; each only if
+    it fits in ``REGION_CACHE_LIMIT`` bytes."""
+    detector = image.detector
+    assert detector is not None
+    caches: list[RegionCache | None] = []
+    for dataset, flips in ((train_set, (False, True)), (val_set, (False,))):
+        size = cache_bytes(len(dataset), len(flips), detector.num_regions, detector.feature_dim)
+        repeats = dataset is val_set or not config.encoder.random_crop
+        if not repeats or size > REGION_CACHE_LIMIT:
+            caches.append(None)
+            continue
+        caches.append(RegionCache.build(
+            image.detect, dataset, flips, config.encoder.batch_size, device, state.failed,
+            state.failed_indices if dataset is train_set else set(), progress,
+            f"V_o of {dataset.split.split}"))
+    return caches[0], caches[1]
 
 
 def _epoch_line(name: str, epoch: int, epochs: int, row: dict[str, float]) -> str:

@@ -35,7 +35,7 @@ meets a bad image has a batch one item short). The count is reported at the end.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -70,6 +70,7 @@ class Sample:
     caption: Tensor                    # [max_words] long, <pad> after ``length`` words
     length: int
     error: str | None = None
+    flipped: bool = False              # the view is mirrored (training augmentation)
 
 
 @dataclass
@@ -84,16 +85,17 @@ class Batch:
     lengths: Tensor        # [B] long
     failed: dict[int, str] = field(default_factory=dict)
     failed_indices: list[int] = field(default_factory=list)
+    flipped: Tensor | None = None  # [B] bool: which views are mirrored (None: none are)
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
 
     def to(self, device: str | torch.device) -> "Batch":
-        """Images and captions on ``device`` (ids stay where they are)."""
+        """Images and captions on ``device`` (ids and view flags stay where they are)."""
         return Batch(self.indices, self.image_ids, self.caption_ids,
                      [image.to(device, non_blocking=True) for image in self.images],
                      self.captions.to(device), self.lengths.to(device), self.failed,
-                     self.failed_indices)
+                     self.failed_indices, self.flipped)
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,10 +126,11 @@ def resize_shorter_side(image: Tensor, side: int) -> Tensor:
 
 
 def augment_image(image: Tensor, size: int, rng: np.random.Generator,
-                  crop: bool = True) -> Tensor:
+                  crop: bool = True) -> tuple[Tensor, bool]:
     """AttnGAN's training augmentation: shorter side to ``int(size * 76 / 64)``, a random
     ``size x size`` crop, a horizontal flip with probability 1/2. ``crop=False``: the flip
-    alone, of :func:`eval_image`'s view."""
+    alone, of :func:`eval_image`'s view (so the view is ``mirror(eval_image(...), flipped)``).
+    Returns the view and whether it was flipped."""
     if crop:
         scaled = resize_shorter_side(image, int(size * RESIZE_NUMERATOR / RESIZE_DENOMINATOR))
         height, width = scaled.shape[-2:]
@@ -136,7 +139,13 @@ def augment_image(image: Tensor, size: int, rng: np.random.Generator,
         view = scaled[:, top:top + size, left:left + size]
     else:
         view = eval_image(image, size)
-    return view.flip(-1) if rng.random() < FLIP_PROBABILITY else view
+    flipped = bool(rng.random() < FLIP_PROBABILITY)
+    return mirror(view, flipped), flipped
+
+
+def mirror(image: Tensor, flipped: bool) -> Tensor:
+    """The image flipped left-right when ``flipped``, else itself."""
+    return image.flip(-1) if flipped else image
 
 
 def eval_image(image: Tensor, size: int) -> Tensor:
@@ -225,17 +234,35 @@ class TextImageDataset(Dataset):
         rng = self._rng(index)
         options = self.captions[index]
         caption_id, ids = options[int(rng.integers(len(options)))]
+        largest = self.sizes[-1]
+        if self.augment:
+            return self._samples(index, caption_id, ids,
+                                 lambda image: [augment_image(image, largest, rng, self.crop)])[0]
+        return self._samples(index, caption_id, ids,
+                             lambda image: [(eval_image(image, largest), False)])[0]
+
+    def fixed_views(self, index: int, flips: Sequence[bool]) -> list[Sample]:
+        """Image ``index`` decoded once, as :func:`eval_image`'s view mirrored or not per entry
+        of ``flips`` (with its first caption): every view that training without the random
+        crop can produce, for :mod:`cpgan.trainer.region_cache`."""
+        caption_id, ids = self.captions[index][0]
+        largest = self.sizes[-1]
+        return self._samples(index, caption_id, ids, lambda image: [
+            (mirror(eval_image(image, largest), flipped), flipped) for flipped in flips])
+
+    def _samples(self, index: int, caption_id: int, ids: list[int],
+                 views: Callable[[Tensor], list[tuple[Tensor, bool]]]) -> list[Sample]:
+        """Decode image ``index`` and make one sample per ``(view, flipped)`` of ``views``; one
+        failed sample if it cannot be decoded."""
         image_id = self.image_ids[index]
         caption = pad_caption(ids, self.max_words)
         try:
             rgb = self.split.load_image(image_id)
         except ItemError as err:
-            return Sample(index, image_id, caption_id, None, caption, len(ids), str(err))
-        image = to_unit_tensor(rgb)
-        largest = self.sizes[-1]
-        image = (augment_image(image, largest, rng, self.crop) if self.augment
-                 else eval_image(image, largest))
-        return Sample(index, image_id, caption_id, pyramid(image, self.sizes), caption, len(ids))
+            return [Sample(index, image_id, caption_id, None, caption, len(ids), str(err))]
+        return [Sample(index, image_id, caption_id, pyramid(view, self.sizes), caption, len(ids),
+                       flipped=flipped)
+                for view, flipped in views(to_unit_tensor(rgb))]
 
 
 def collate(samples: list[Sample]) -> Batch:
@@ -253,7 +280,8 @@ def collate(samples: list[Sample]) -> Batch:
     captions = torch.stack([s.caption for s in good]) if good else torch.zeros(0, width, dtype=torch.long)
     return Batch(longs(s.index for s in good), longs(s.image_id for s in good),
                  longs(s.caption_id for s in good), images, captions,
-                 longs(s.length for s in good), failed, failed_indices)
+                 longs(s.length for s in good), failed, failed_indices,
+                 torch.tensor([s.flipped for s in good], dtype=torch.bool))
 
 
 # --------------------------------------------------------------------------------------------
