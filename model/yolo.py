@@ -257,12 +257,24 @@ def region_features(
     ``aligned=True`` so pixel centres line up). The result ``[B, K, C]`` is differentiable
     w.r.t. ``feature_map`` (hence the image) but not the boxes, which were chosen by
     detection. Rows where ``valid`` is False (padding) are zero.
+
+    Computed as a linear map. RoIAlign and the mean over its bins are linear in the map, so a
+    box's vector is a weighted sum over the map's positions, ``sum_p w_kp F[:, p]``; the
+    weights are torchvision's ``roi_align`` of a one-hot map (one channel per position, no
+    gradient) and the sum a batched matmul. The result is RoIAlign's up to rounding (about
+    1e-7), but the backward is a matmul: torchvision's CPU RoIAlign backward is a serial loop,
+    108 ms against 3.5 ms for this form on the toy GAN's batch (32 x 36 boxes, 256 x 4 x 4
+    map, one thread), a fifth of the frozen detector's forward and backward in TISCL.
     """
     batch, k, _ = boxes.shape
-    rois = list(boxes.detach().to(feature_map.dtype).unbind(0))
-    pooled = roi_align(feature_map, rois, output_size, spatial_scale=1.0 / stride,
-                       sampling_ratio=sampling_ratio, aligned=True)
-    features = pooled.mean(dim=(2, 3)).view(batch, k, -1)
+    height, width = feature_map.shape[-2:]
+    positions = height * width
+    one_hot = torch.eye(positions, dtype=feature_map.dtype, device=feature_map.device)
+    rois = [boxes.detach().to(feature_map.dtype).reshape(-1, 4)]  # weights: any image's
+    weights = roi_align(one_hot.view(1, positions, height, width), rois, output_size,
+                        spatial_scale=1.0 / stride, sampling_ratio=sampling_ratio, aligned=True)
+    weights = weights.mean(dim=(2, 3)).view(batch, k, positions)
+    features = torch.bmm(weights, feature_map.flatten(2).transpose(1, 2))
     if valid is not None:
         features = features * valid.unsqueeze(-1).to(features.dtype)
     return features

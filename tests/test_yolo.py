@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, roi_align
 
 from cpgan.model.darknet import Darknet, YoloSpec
 from cpgan.model.yolo import (
@@ -173,6 +173,23 @@ def test_region_feature_of_linear_ramp_is_box_centre() -> None:
     boxes = torch.tensor([[[40.0, 64.0, 200.0, 100.0], [100.0, 20.0, 340.0, 300.0]]])
     feats = region_features(fmap, boxes, stride=32)
     assert torch.allclose(feats[0, :, 0], torch.tensor([120.0, 220.0]) / 32, atol=1e-5)
+
+
+def test_region_features_equal_roi_align_and_so_do_their_gradients() -> None:
+    """The linear-map form against torchvision's RoIAlign on the features themselves, for
+    boxes inside, across and beyond the map's edge."""
+    torch.manual_seed(0)
+    fmap = torch.randn(3, 6, 5, 5, requires_grad=True)
+    corner = torch.rand(3, 7, 2) * 200 - 20
+    boxes = torch.cat([corner, corner + torch.rand(3, 7, 2) * 120 + 1], dim=2)
+    feats = region_features(fmap, boxes, stride=32, output_size=3)
+    pooled = roi_align(fmap, list(boxes.unbind(0)), 3, spatial_scale=1 / 32, sampling_ratio=2,
+                       aligned=True).mean(dim=(2, 3)).view(3, 7, 6)
+    assert torch.allclose(feats, pooled, atol=1e-6)
+    weights = torch.randn_like(feats)
+    (grad,) = torch.autograd.grad((feats * weights).sum(), fmap)
+    (expected,) = torch.autograd.grad((pooled * weights).sum(), fmap)
+    assert torch.allclose(grad, expected, atol=1e-5) and expected.abs().sum() > 0
 
 
 def test_region_features_carry_gradient_to_the_image() -> None:
