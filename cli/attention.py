@@ -12,6 +12,13 @@ from pathlib import Path
 import click
 
 from cpgan.cli.common import RunContext, common_options
+from cpgan.cli.uptodate import (
+    CAPTIONER_NAME,
+    CAPTIONER_TRAIN_SPLIT,
+    CAPTIONER_VAL_SPLIT,
+    annotation_file,
+    split_shards,
+)
 from cpgan.errors import CpganError
 from cpgan.pipeline import artifacts
 from cpgan.pipeline.cluster import default_workers
@@ -20,8 +27,6 @@ SPLITS = ("train2014", "val2014")
 
 
 def _shards(run: RunContext, split: str) -> list[Path]:
-    from cpgan.trainer.captioner import split_shards
-
     return split_shards(run.artifacts / "regions", split)
 
 
@@ -47,12 +52,6 @@ def train_attention(run: RunContext, epochs: int | None, batch_size: int | None,
     epoch, a few greedy val captions printed at the end. Writes models/captioner.pt (and the
     resumable models/captioner.ckpt.pt). Skipped when already trained on the same inputs.
     """
-    import torch
-
-    from cpgan.pipeline.coco import CocoSplit, annotation_file
-    from cpgan.pipeline.text import Vocabulary
-    from cpgan.trainer.captioner import MODEL_NAME, TRAIN_SPLIT, VAL_SPLIT, train_captioner
-
     config = run.config.attention
     if epochs is not None:
         config.epochs = epochs
@@ -60,20 +59,27 @@ def train_attention(run: RunContext, epochs: int | None, batch_size: int | None,
         config.batch_size = batch_size
     vocab_path = run.artifacts / "vocab.json"
     regions_dir = run.artifacts / "regions"
-    target = run.artifacts / "models" / MODEL_NAME
+    target = run.artifacts / "models" / CAPTIONER_NAME
     params = {"attention": asdict(config), "max_caption_words": run.config.data.max_caption_words,
               "seed": run.config.seed, "limit": limit}
     files = [annotation_file(run.coco_root, kind, s) for kind in ("captions", "instances")
              for s in SPLITS]  # instances: the categories give the class inputs' size
-    inputs = [vocab_path, *(f for f in files if f.exists()), *_shards(run, TRAIN_SPLIT),
-              *_shards(run, VAL_SPLIT)]
+    inputs = [vocab_path, *(f for f in files if f.exists()),
+              *_shards(run, CAPTIONER_TRAIN_SPLIT), *_shards(run, CAPTIONER_VAL_SPLIT)]
     artifacts.sweep_temporaries(target.parent, "captioner.")  # left by a killed run
     if artifacts.is_current(run.artifacts, "train-attention", params=params, inputs=inputs):
         click.echo(f"train-attention: up to date ({target})")
         return
+    # imported after the up-to-date check: torch and torchvision take ~5 s to import
+    import torch
+
+    from cpgan.pipeline.coco import CocoSplit
+    from cpgan.pipeline.text import Vocabulary
+    from cpgan.trainer.captioner import train_captioner
+
     vocab = Vocabulary.load(vocab_path)
-    train = CocoSplit.open(run.coco_root, TRAIN_SPLIT)
-    val = CocoSplit.open(run.coco_root, VAL_SPLIT)
+    train = CocoSplit.open(run.coco_root, CAPTIONER_TRAIN_SPLIT)
+    val = CocoSplit.open(run.coco_root, CAPTIONER_VAL_SPLIT)
     previous = torch.get_num_threads()
     # The captioner's steps are small matrix products: on two shared cores a second thread
     # made an epoch 8x slower (every op waits for both), and one thread is reproducible.
@@ -124,13 +130,8 @@ def attend_command(run: RunContext, split: str, workers: int, scheduler: str | N
     attention/grounding.json (grounding-<split>.json for val2014): how often a word naming a
     category chose a box overlapping an instance of it (IoU >= 0.5).
     """
-    from cpgan.pipeline.attend import AttendSettings, attend
-    from cpgan.pipeline.coco import CocoSplit, annotation_file
-    from cpgan.pipeline.text import Vocabulary
-    from cpgan.trainer.captioner import MODEL_NAME
-
     vocab_path = run.artifacts / "vocab.json"
-    captioner = run.artifacts / "models" / MODEL_NAME
+    captioner = run.artifacts / "models" / CAPTIONER_NAME
     if not captioner.is_file():
         raise CpganError(f"{captioner}: captioner not found (run 'cpgan-prep train-attention')")
     max_words = run.config.data.max_caption_words
@@ -140,6 +141,11 @@ def attend_command(run: RunContext, split: str, workers: int, scheduler: str | N
     if artifacts.is_current(run.artifacts, "attend", params=params, inputs=inputs, split=split):
         click.echo(f"attend [{split}]: up to date ({run.artifacts / 'attention'})")
         return
+    # imported after the up-to-date check: torch and torchvision take ~5 s to import
+    from cpgan.pipeline.attend import AttendSettings, attend
+    from cpgan.pipeline.coco import CocoSplit
+    from cpgan.pipeline.text import Vocabulary
+
     vocab = Vocabulary.load(vocab_path)
     settings = AttendSettings(
         captioner=str(captioner.resolve()),

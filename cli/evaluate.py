@@ -8,12 +8,14 @@ and writes ``<artifacts>/report/report.json``, ``index.html`` and its PNGs
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import click
-import torch
 
+from cpgan.cli import uptodate
 from cpgan.cli.common import RunContext, common_options, report_errors
 from cpgan.cli.evaluate_tools import fit_classifier
 from cpgan.pipeline import artifacts
@@ -88,6 +90,14 @@ def cli(run: RunContext, checkpoint_path: Path | None, split: str, num_images: i
     """
     if click.get_current_context().invoked_subcommand is not None:
         return
+    if report_dir is None and _report_is_current(
+            run, checkpoint_path, split, num_images, batch_size, seed, scoring_weights,
+            inception_weights, fid_weights, detector_weights, rprecision_encoders):
+        click.echo(_up_to_date_line(run.artifacts))
+        return
+    # imported after the up-to-date check: torch and torchvision take ~5 s to import
+    import torch
+
     from cpgan.trainer.detector import choose_threads
 
     torch.set_num_threads(choose_threads(threads))
@@ -122,19 +132,15 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
                       detector_weights or models_dir / "detector.pt",
                       run.project_path(config.detector.cfg), fid_weights, rprecision_encoders)
     split = CocoSplit.open(run.coco_root, split_name, require_instances=True)
-    params = {"checkpoint": str(checkpoint.path), "split": split_name, "num_images": num_images,
-              "batch_size": batch_size, "seed": seed,
-              "scoring": "classifier" if config.preset == "toy" else "inception"}
-    if rprecision_encoders is not None:
-        params["rprecision_encoders"] = str(rprecision_encoders)
+    params = _params(checkpoint.path, split_name, num_images, batch_size, seed, config.preset,
+                     rprecision_encoders)
     scoring_file = files.classifier_weights if config.preset == "toy" else inception_weights
     record_inputs = (files.inputs(checkpoint, split, SimpleNamespace(weights=Path(scoring_file)))
                      if scoring_file is not None else None)  # else loading the models will say why
     staged = report_dir is None  # only the default folder is the eval stage's record
     if staged and record_inputs is not None and artifacts.is_current(
             root, "eval", params=params, inputs=record_inputs):
-        click.echo(f"cpgan-eval: up to date ({root / REPORT_DIR / 'index.html'}; rerun after "
-                   "removing report/report.provenance.json to recompute)")
+        click.echo(_up_to_date_line(root))
         return
     models = load_eval_models(checkpoint, files, split, seed, device)
     record_inputs = record_inputs or files.inputs(checkpoint, split, models.scoring)
@@ -155,6 +161,72 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
     click.echo(f"cpgan-eval [{checkpoint.run_name} step {checkpoint.step}]: "
                f"{report['config']['num_images']} pairs in {report['config']['seconds']:.0f} s; "
                f"{summary_line(report)} -> {folder / 'index.html'}")
+
+
+
+def _params(checkpoint: Path, split_name: str, num_images: int | None, batch_size: int,
+            seed: int, preset: str, rprecision_encoders: Path | None) -> dict[str, Any]:
+    """The eval stage's parameters: a change makes the report stale."""
+    params = {"checkpoint": str(checkpoint), "split": split_name, "num_images": num_images,
+              "batch_size": batch_size, "seed": seed,
+              "scoring": "classifier" if preset == "toy" else "inception"}
+    if rprecision_encoders is not None:
+        params["rprecision_encoders"] = str(rprecision_encoders)
+    return params
+
+
+def _report_is_current(run: RunContext, checkpoint_path: Path | None, split_name: str,
+                       num_images: int | None, batch_size: int, seed: int | None,
+                       scoring_weights: Path | None, inception_weights: Path | None,
+                       fid_weights: Path | None, detector_weights: Path | None,
+                       rprecision_encoders: Path | None) -> bool:
+    """Whether the eval stage's record is current for these options, decided without torch.
+
+    _evaluate decides it from the checkpoint, which only torch reads: its config, encoders and
+    memory. Here they come from the record, whose config is the checkpoint's, and from the
+    report.json it lists, which names the encoders and memory. Both describe the checkpoint
+    while it is the recorded one, and is_current checks that (the checkpoint is an input).
+    The inputs are those of cpgan.trainer.evaluate.EvalFiles.inputs. False when undecided:
+    _evaluate then decides from the checkpoint.
+    """
+    from cpgan.pipeline.report import REPORT_DIR, REPORT_JSON
+
+    root = run.artifacts
+    models_dir = root / "models"
+    checkpoint = Path(checkpoint_path or uptodate.default_checkpoint(root))
+    record = artifacts.read_record(root, "eval") or {}
+    try:
+        config = record["config"]
+        report = json.loads((root / REPORT_DIR / REPORT_JSON).read_text(encoding="utf-8"))
+        encoders, memory = (report["config"]["checkpoint"][k] for k in ("encoders", "memory"))
+        preset = config["preset"]
+        seed = config["seed"] if seed is None else seed
+        checkpoint_files = [root / encoders, run.project_path(config["detector"]["cfg"]),
+                            *([root / memory] if memory else [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    scoring = ((scoring_weights or models_dir / "classifier.pt") if preset == "toy"
+               else inception_weights)
+    if scoring is None:
+        return False
+    inputs = [checkpoint, *checkpoint_files, root / "vocab.json",
+              detector_weights or models_dir / "detector.pt", Path(scoring),
+              uptodate.annotation_file(run.coco_root, "captions", split_name),
+              uptodate.annotation_file(run.coco_root, "instances", split_name),
+              *uptodate.damsm_files(models_dir)]
+    extra = [inception_weights, fid_weights, rprecision_encoders,
+             root / uptodate.MEMORY_NAME if rprecision_encoders is not None else None]
+    inputs += [p for p in extra if p is not None]
+    params = _params(checkpoint, split_name, num_images, batch_size, seed, preset,
+                     rprecision_encoders)
+    return artifacts.is_current(root, "eval", params=params, inputs=inputs)
+
+
+def _up_to_date_line(root: Path) -> str:
+    from cpgan.pipeline.report import INDEX_HTML, REPORT_DIR
+
+    return (f"cpgan-eval: up to date ({root / REPORT_DIR / INDEX_HTML}; rerun after removing "
+            "report/report.provenance.json to recompute)")
 
 
 cli.add_command(fit_classifier)

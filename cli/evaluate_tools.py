@@ -14,8 +14,15 @@ from pathlib import Path
 import click
 
 from cpgan.cli.common import RunContext, common_options
+from cpgan.cli.uptodate import (
+    CLASSIFIER_BATCH_SIZE,
+    CLASSIFIER_EPOCHS,
+    CLASSIFIER_LR,
+    CLASSIFIER_NAME,
+    CLASSIFIER_TRAIN_SPLIT,
+    CLASSIFIER_VAL_SPLIT,
+)
 from cpgan.pipeline import artifacts
-from cpgan.trainer import classifier as trainer
 
 RECORD_NAME = "classifier.json"
 
@@ -27,8 +34,9 @@ def generator_image_size(run: RunContext) -> int:
 
 @click.command("fit-classifier")
 @common_options
-@click.option("--epochs", type=click.IntRange(min=1), default=trainer.EPOCHS, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=trainer.BATCH_SIZE,
+@click.option("--epochs", type=click.IntRange(min=1), default=CLASSIFIER_EPOCHS,
+              show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=CLASSIFIER_BATCH_SIZE,
               show_default=True)
 @click.option("--image-size", type=click.IntRange(min=16), default=None,
               help="Side the classifier scores at, a multiple of 8 "
@@ -45,22 +53,25 @@ def fit_classifier(run: RunContext, epochs: int, batch_size: int, image_size: in
     size = generator_image_size(run) if image_size is None else image_size
     root = run.coco_root
     models = run.artifacts / "models"
-    params = {"epochs": epochs, "batch_size": batch_size, "image_size": size, "lr": trainer.LR,
+    params = {"epochs": epochs, "batch_size": batch_size, "image_size": size, "lr": CLASSIFIER_LR,
               "seed": run.config.seed}
     inputs = [Path(root) / "annotations" / f"instances_{split}.json"
-              for split in (trainer.TRAIN_SPLIT, trainer.VAL_SPLIT)]
+              for split in (CLASSIFIER_TRAIN_SPLIT, CLASSIFIER_VAL_SPLIT)]
     done = _finished_record(models, params, inputs)
     if done is not None:
         click.echo(f"fit-classifier: up to date (val accuracy "
-                   f"{done['summary']['val_accuracy']:.3f}) -> {models / trainer.MODEL_NAME}")
+                   f"{done['summary']['val_accuracy']:.3f}) -> {models / CLASSIFIER_NAME}")
         return
+    # imported after the up-to-date check: torch and torchvision take ~5 s to import
+    from cpgan.trainer import classifier as trainer
+
     summary = trainer.fit_classifier(root, run.artifacts, image_size=size, epochs=epochs,
                                      batch_size=batch_size, seed=run.config.seed, device=device)
     record = {
         "params": params | {"width": summary["width"]},
         "coco_root": str(root),
         "inputs": {str(p): artifacts.fingerprint(p) for p in inputs},
-        "outputs": {trainer.MODEL_NAME: artifacts.fingerprint(models / trainer.MODEL_NAME)},
+        "outputs": {CLASSIFIER_NAME: artifacts.fingerprint(models / CLASSIFIER_NAME)},
         "summary": summary,
         "config": run.config.to_dict(),
     }
@@ -69,7 +80,7 @@ def fit_classifier(run: RunContext, epochs: int, batch_size: int, image_size: in
     click.echo(f"fit-classifier: val accuracy {summary['val_accuracy']:.3f} (shape "
                f"{summary['val_shape_accuracy']:.3f}, colour {summary['val_colour_accuracy']:.3f}) "
                f"on {summary['val_images']} images after {epochs} epochs in "
-               f"{summary['seconds']:.0f} s -> {models / trainer.MODEL_NAME}")
+               f"{summary['seconds']:.0f} s -> {models / CLASSIFIER_NAME}")
 
 
 def _finished_record(models: Path, params: dict, inputs: list[Path]) -> dict | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from cpgan.cli.common import TOY_DIRNAME, RunContext, common_options, report_errors
+from cpgan.cli.uptodate import REGION_INDEX_NAME, annotation_file
 from cpgan.pipeline import artifacts
 from cpgan.pipeline.cluster import default_workers
 
@@ -44,12 +45,12 @@ def make_toy(run: RunContext, out: Path | None, train_images: int, val_images: i
     backgrounds, each with instance boxes and 5 true captions such as "a small red circle
     left of a blue square on the grass". The same seed gives the same bytes.
     """
-    from cpgan.pipeline.toy import generate_toy_coco
-
     out = out or run.artifacts / TOY_DIRNAME
     if out.exists():
         click.echo(f"make-toy: {out} already exists; remove it to generate again")
         return
+    from cpgan.pipeline.toy import generate_toy_coco  # after the check: it imports OpenCV
+
     generate_toy_coco(out, train_images=train_images, val_images=val_images,
                       image_size=image_size, seed=run.config.seed if seed is None else seed)
     click.echo(f"make-toy: {train_images} train + {val_images} val images -> {out}")
@@ -65,9 +66,6 @@ def vocab(run: RunContext, min_count: int | None) -> None:
     AttnGAN's tokenisation (lower-case, \\w+ tokens, non-ASCII dropped); specials <pad>
     <unk> <bos> <eos> take ids 0-3. Writes <artifacts>/vocab.json.
     """
-    from cpgan.pipeline.coco import CocoSplit, annotation_file
-    from cpgan.pipeline.text import build_vocabulary
-
     if min_count is not None:
         run.config.data.min_word_count = min_count
     params = {"min_count": run.config.data.min_word_count}
@@ -76,6 +74,9 @@ def vocab(run: RunContext, min_count: int | None) -> None:
     if artifacts.is_current(run.artifacts, "vocab", params=params, inputs=[captions_file]):
         click.echo(f"vocab: up to date ({target})")
         return
+    from cpgan.pipeline.coco import CocoSplit  # after the check: it imports OpenCV
+    from cpgan.pipeline.text import build_vocabulary
+
     split = CocoSplit.open(run.coco_root, "train2014")
     texts = (text for image_id in split.image_ids() for _cid, text in split.captions(image_id))
     vocabulary = build_vocabulary(texts, params["min_count"])
@@ -106,9 +107,6 @@ def train_detector_command(run: RunContext, epochs: int | None, resume: bool, de
     """
     from dataclasses import asdict
 
-    from cpgan.pipeline.coco import annotation_file
-    from cpgan.trainer.detector import train_detector
-
     det = run.config.detector
     if epochs is not None:
         det.train_epochs = epochs
@@ -126,6 +124,9 @@ def train_detector_command(run: RunContext, epochs: int | None, resume: bool, de
         click.echo(f"train-detector: up to date (mAP@0.5 {record['summary']['map50']:.3f}) "
                    f"-> {outputs[0]}")
         return
+    # imported after the up-to-date check: torch and torchvision take ~5 s to import
+    from cpgan.trainer.detector import train_detector
+
     summary = train_detector(run.coco_root, run.artifacts, det, seed=run.config.seed,
                              device=device, resume=resume, limit=limit)
     artifacts.write_record(run.artifacts, "train-detector", config=run.config.to_dict(),
@@ -200,43 +201,97 @@ def detect_command(run: RunContext, split: str, cfg: Path | None, weights: Path 
     reused, so an interrupted run resumes. Images that fail to decode are recorded in the
     index's status column and skipped.
     """
-    from cpgan.pipeline.coco import CocoSplit
-    from cpgan.pipeline.detect import DetectSettings, detect, load_detector
-
-    from cpgan.model.darknet import default_feature_layer, plan_network, read_cfg
-
     det = run.config.detector
     preset_cfg = run.project_path(det.cfg).resolve()
     cfg = run.project_path(cfg or det.cfg).resolve()
-    weights = weights or run.artifacts / "models" / "detector.pt"
+    weights = Path(weights or run.artifacts / "models" / "detector.pt")
     if shard_size is not None:
         det.shard_size = shard_size
+    if feature_layer is None and cfg == preset_cfg:
+        feature_layer = det.feature_layer
+    out_dir = run.artifacts / "regions"
+    inputs = [annotation_file(run.coco_root, "captions", split), cfg, weights]
+    done = _finished_detection(run, split, cfg, weights, feature_layer, limit, inputs)
+    if done is not None:
+        click.echo(_detect_line(split, done, done["shards"], out_dir))
+        return
+    # imported after the up-to-date check: torch and torchvision take ~5 s to import
+    from cpgan.model.darknet import default_feature_layer, plan_network, read_cfg
+    from cpgan.pipeline.coco import CocoSplit
+    from cpgan.pipeline.detect import DetectSettings, detect, load_detector
+
     sections = read_cfg(cfg)
     if feature_layer is None:
-        feature_layer = (det.feature_layer if cfg == preset_cfg
-                         else default_feature_layer(plan_network(sections)[0]))
+        feature_layer = default_feature_layer(plan_network(sections)[0])
     det.cfg, det.feature_layer = str(cfg), feature_layer
     det.input_size = sections[0].get_int("width")
     settings = DetectSettings(
         coco_root=str(run.coco_root.resolve()), split=split, cfg=str(cfg),
-        weights=str(Path(weights).resolve()), input_size=det.input_size,
+        weights=str(weights.resolve()), input_size=det.input_size,
         feature_layer=feature_layer, num_regions=det.num_regions,
         score_threshold=det.score_threshold, nms_iou=det.nms_iou, batch_size=batch_size,
         device=device,
     )
     load_detector(settings.cfg, settings.weights)  # fail here, once, not in every worker
     coco = CocoSplit.open(run.coco_root, split)
-    out_dir = run.artifacts / "regions"
     summary, shards = detect(coco, settings, out_dir, shard_size=det.shard_size, limit=limit,
                              workers=workers, scheduler=scheduler)
     params = {"settings": {k: v for k, v in vars(settings).items()
                            if k not in ("coco_root", "device", "batch_size")},
               "shard_size": det.shard_size, "limit": limit}
-    inputs = [coco.captions_file, cfg, Path(weights)]
     artifacts.write_record(run.artifacts, "detect", split=split, config=run.config.to_dict(),
                            params=params, inputs=inputs, outputs=shards, summary=summary)
-    click.echo(f"detect [{split}]: {summary['images']} images, {summary['failed']} failed, "
-               f"{summary['shards']} shards ({summary['reused_shards']} reused) -> {out_dir}")
+    click.echo(_detect_line(split, summary, summary["reused_shards"], out_dir))
+
+
+def _finished_detection(run: RunContext, split: str, cfg: Path, weights: Path,
+                        feature_layer: int | None, limit: int | None,
+                        inputs: list[Path]) -> dict | None:
+    """The split's recorded detect summary when a run with these options would only reuse
+    every shard and record the same parameters, else None.
+
+    Decided without reading the cfg, which imports torch: the input size it gives, and the
+    feature layer when it is the cfg's default, are taken from the record. They are the cfg's
+    while the cfg is the recorded one, and is_current checks that (the cfg is an input).
+    """
+    det = run.config.detector
+    record = artifacts.read_record(run.artifacts, "detect", split) or {}
+    try:
+        recorded = record["params"]["settings"]
+        settings = {"split": split, "cfg": str(cfg), "weights": str(weights.resolve()),
+                    "input_size": recorded["input_size"],
+                    "feature_layer": (recorded["feature_layer"] if feature_layer is None
+                                      else feature_layer),
+                    "num_regions": det.num_regions, "score_threshold": det.score_threshold,
+                    "nms_iou": det.nms_iou}
+        summary = {key: record["summary"][key] for key in ("images", "failed", "shards")}
+    except (KeyError, TypeError):
+        return None
+    params = {"settings": settings, "shard_size": det.shard_size, "limit": limit}
+    regions = run.artifacts / "regions"
+    with artifacts.folder_lock(regions, "detect"):  # refused while another run writes it
+        if not artifacts.is_current(run.artifacts, "detect", params=params, inputs=inputs,
+                                    split=split):
+            return None
+        # the index is shared by the splits: it must still hold this split's rows
+        rows = _index_rows(regions / REGION_INDEX_NAME, split)
+    return summary if rows == summary["images"] else None
+
+
+def _index_rows(index: Path, split: str) -> int | None:
+    """How many rows of ``split`` regions/index.parquet holds (None when unreadable)."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(index).read(columns=["split"])  # read_table imports pandas
+        return table.column("split").to_pylist().count(split)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _detect_line(split: str, summary: dict, reused: int, out_dir: Path) -> str:
+    return (f"detect [{split}]: {summary['images']} images, {summary['failed']} failed, "
+            f"{summary['shards']} shards ({reused} reused) -> {out_dir}")
 
 
 @cli.command("status")

@@ -35,6 +35,7 @@ from typing import Any
 
 import click
 
+from cpgan.cli import uptodate
 from cpgan.cli.common import RunContext, common_options, report_errors
 from cpgan.errors import CpganError
 from cpgan.pipeline import artifacts
@@ -152,6 +153,7 @@ def _damsm_stage(run: RunContext, memory_path: Path | None, use_memory: bool,
     if job.is_current():
         click.echo(f"damsm [{job.name}]: up to date ({job.model}); {job.describe()}")
         return
+    # imported after the up-to-date check: torch and torchvision take ~5 s to import
     from cpgan.trainer.gan import distributed_from_env
 
     if distributed_from_env().active:
@@ -198,11 +200,10 @@ class _TrainingJob(abc.ABC):
                 if self.detector_cfg is not None else None)
 
     def _inputs(self, *stage_files: Path) -> list[Path]:
-        from cpgan.pipeline.coco import annotation_file
-
         coco = self.run.coco_root
-        files = [annotation_file(coco, "captions", "train2014"),
-                 annotation_file(coco, "captions", "val2014"), self.vocab_path, *stage_files]
+        files = [uptodate.annotation_file(coco, "captions", "train2014"),
+                 uptodate.annotation_file(coco, "captions", "val2014"), self.vocab_path,
+                 *stage_files]
         files += [p for p in (self.memory_path, self.detector_weights, self.detector_cfg,
                               self.inception_weights) if p is not None]
         return files
@@ -231,6 +232,18 @@ class _TrainingJob(abc.ABC):
                                         inputs=self.inputs())
         return _variant_is_current(self.root, self.record, self.params(), self.inputs())
 
+    def _recorded_summary(self) -> dict[str, Any]:
+        """The summary of the stage's record (the main model's) or of the variant's."""
+        if self.main_variant:
+            record = artifacts.read_record(self.root, self.stage)
+        else:
+            try:
+                record = json.loads(self.record.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                record = None
+        summary = record.get("summary") if isinstance(record, dict) else None
+        return summary if isinstance(summary, dict) else {}
+
     def _write_record(self, outputs: list[Path], summary: dict[str, Any]) -> None:
         if self.main_variant:
             artifacts.write_record(self.root, self.stage, config=self.run.config.to_dict(),
@@ -251,14 +264,12 @@ class DamsmJob(_TrainingJob):
                  use_objects: bool, detector_weights: Path | None,
                  inception_weights: Path | None, limit: int | None,
                  val_limit: int | None) -> None:
-        from cpgan.trainer.damsm import model_name, model_path
-
         super().__init__(run, memory_path, use_memory, use_objects, detector_weights,
                          inception_weights)
         self.use_memory, self.use_objects = use_memory, use_objects
         self.limit, self.val_limit = limit, val_limit
-        self.name = model_name(use_memory, use_objects)
-        self.model = model_path(self.root / "models", use_memory, use_objects)
+        self.name = uptodate.damsm_name(use_memory, use_objects)
+        self.model = uptodate.damsm_path(self.root / "models", use_memory, use_objects)
         self.classifier_weights = (self.root / "models" / "classifier.pt"
                                    if run.config.encoder.backbone == "classifier" else None)
         if self.classifier_weights is not None and not self.classifier_weights.is_file():
@@ -284,18 +295,20 @@ class DamsmJob(_TrainingJob):
 
     @property
     def record(self) -> Path:
-        from cpgan.trainer.damsm import provenance_path
-
-        return provenance_path(self.model)
+        return uptodate.damsm_record(self.model)
 
     def is_current(self) -> bool:
         return self._recorded_current()
 
     def describe(self) -> str:
-        from cpgan.trainer.damsm import describe_metrics, pretrained_summary
+        """The val figures of the up-to-date model: those its record keeps (the same ones the
+        model file stores, which only torch reads)."""
+        metrics = self._recorded_summary().get("metrics")
+        if not isinstance(metrics, dict):  # not in the record: read the model file
+            from cpgan.trainer.damsm import pretrained_summary
 
-        metrics = pretrained_summary(self.model)
-        return f"val {describe_metrics(metrics)}" if metrics else "no stored metrics"
+            metrics = pretrained_summary(self.model)
+        return f"val {uptodate.describe_damsm_metrics(metrics)}" if metrics else "no stored metrics"
 
     # -------------------------------------------------------------------------- training
 
@@ -346,44 +359,40 @@ class GanJob(_TrainingJob):
     def __init__(self, run: RunContext, memory_path: Path | None,
                  switches: tuple[bool, bool, bool], detector_weights: Path | None,
                  inception_weights: Path | None, options: GanOptions) -> None:
-        from cpgan.trainer.damsm import model_path
-        from cpgan.trainer.gan import Switches, check_run_name, run_dir
-
-        self.switches = Switches(*switches)
-        use_memory, use_objects = self.switches.use_memory, self.switches.use_objects
+        use_memory, use_objects, use_fgcd = switches
+        self.switches = {"use_memory": use_memory, "use_objects": use_objects,
+                         "use_fgcd": use_fgcd}  # as cpgan.trainer.gan.Switches.as_dict()
         super().__init__(run, memory_path, use_memory, use_objects, detector_weights,
                          inception_weights)
         self.options = options
-        self.name = check_run_name(options.name or self.switches.name)
-        self.folder = run_dir(self.root, self.name)
-        self.encoders = model_path(self.root / "models", use_memory, use_objects)
+        self.name = options.name or uptodate.run_name(*switches)
+        if not uptodate.is_plain_run_name(self.name):
+            from cpgan.trainer.gan import check_run_name
+
+            check_run_name(self.name)  # raises, saying what a run name may hold
+        self.folder = self.root / uptodate.RUNS_DIR / self.name
+        self.encoders = uptodate.damsm_path(self.root / "models", use_memory, use_objects)
 
     # -------------------------------------------------------------------------- provenance
 
     def params(self) -> dict[str, Any]:
-        from cpgan.trainer.gan import distributed_from_env
-
         config = self.run.config
-        return {"run": self.name, "switches": self.switches.as_dict(),
+        return {"run": self.name, "switches": dict(self.switches),
                 "gan": dataclasses.asdict(config.gan),
                 "encoder": dataclasses.asdict(config.encoder),
                 "max_caption_words": config.data.max_caption_words, "seed": config.seed,
                 "detector": self._detector_params(),
-                "limit": self.options.limit, "processes": distributed_from_env().world_size}
+                "limit": self.options.limit, "processes": _processes()}
 
     def inputs(self) -> list[Path]:
         return self._inputs(self.encoders)
 
     def outputs(self) -> list[Path]:
-        from cpgan.trainer.gan import checkpoint_file, metrics_file
-
-        return [checkpoint_file(self.folder), metrics_file(self.folder)]
+        return [self.folder / uptodate.CHECKPOINT_NAME, self.folder / uptodate.METRICS_NAME]
 
     @property
     def main_variant(self) -> bool:
-        from cpgan.trainer.gan import RUN_STEM, Switches
-
-        return self.name == RUN_STEM and self.switches == Switches()
+        return self.name == uptodate.RUN_STEM and all(self.switches.values())
 
     @property
     def record(self) -> Path:
@@ -393,10 +402,8 @@ class GanJob(_TrainingJob):
         return self.encoders.is_file() and self._recorded_current()
 
     def describe(self) -> str:
-        from cpgan.trainer.gan import metrics_file
-
         try:
-            lines = metrics_file(self.folder).read_text(encoding="utf-8").splitlines()
+            lines = (self.folder / uptodate.METRICS_NAME).read_text(encoding="utf-8").splitlines()
             return describe_losses(json.loads(lines[-1]))
         except (OSError, IndexError, json.JSONDecodeError, KeyError, TypeError):
             return "no logged losses"
@@ -406,17 +413,18 @@ class GanJob(_TrainingJob):
     def train(self) -> None:
         from cpgan.pipeline.detect import load_detector
         from cpgan.pipeline.text import Vocabulary
-        from cpgan.trainer.gan import distributed_from_env, train_gan
+        from cpgan.trainer.gan import Switches, distributed_from_env, train_gan
 
         if not self.encoders.is_file():
             raise CpganError(f"{self.encoders}: DAMSM encoders not found (run 'cpgan-train "
                              "--stage damsm' with the same --no-memory / --no-oaie switches)")
+        switches = Switches(**self.switches)
         vocab = Vocabulary.load(self.vocab_path)
         detector = (load_detector(self.detector_cfg, self.detector_weights)
-                    if self.switches.use_objects else None)
+                    if switches.use_objects else None)
         o = self.options
         result = train_gan(self.run.coco_root, self.root, self.run.config, vocab,
-                           self.switches, memory_path=self.memory_path, detector=detector,
+                           switches, memory_path=self.memory_path, detector=detector,
                            inception_weights=self.inception_weights, name=self.name,
                            device=o.device, resume=o.resume, limit=o.limit,
                            checkpoint_every=o.checkpoint_every, sample_every=o.sample_every,
@@ -431,6 +439,16 @@ class GanJob(_TrainingJob):
                    f"{result.train_images} train images ({result.skipped_images} skipped) in "
                    f"{minutes}m{seconds:02d}s, {result.images_per_second:.1f} img/s; "
                    f"{losses} -> {self.folder}")
+
+
+def _processes() -> int:
+    """The processes of this run: one, unless torchrun's variables are set (then the trainer
+    reads and checks them, importing torch)."""
+    if not uptodate.under_torchrun():
+        return 1
+    from cpgan.trainer.gan import distributed_from_env
+
+    return distributed_from_env().world_size
 
 
 def describe_losses(row: dict[str, Any]) -> str:

@@ -215,16 +215,23 @@ def test_eval_stage_provenance_is_done(run: Setup, evaluated: dict):
     assert record["summary"]["generated"]["fid"] == evaluated["generated"]["fid"]
 
 
-def test_a_finished_report_is_not_recomputed(run: Setup, evaluated: dict):
-    """A rerun of make demo skips the evaluation when nothing it read has changed."""
+def test_a_finished_report_is_not_recomputed(run: Setup, evaluated: dict, monkeypatch):
+    """A rerun of make demo skips the evaluation when nothing it read has changed, and decides
+    so without reading the checkpoint, which needs torch (tests/test_cli_skip.py)."""
     report = run.artifacts / "report" / "report.json"
     before = report.stat().st_mtime_ns
-    result = CliRunner().invoke(eval_cli, _args(run))
+    with monkeypatch.context() as patched:
+        patched.setattr(sampling, "read_checkpoint", _not_read)
+        result = CliRunner().invoke(eval_cli, _args(run))
     assert result.exit_code == 0 and "up to date" in result.output, result.output
     assert report.stat().st_mtime_ns == before
     other = CliRunner().invoke(eval_cli, _args(run, "--seed", "5"))  # other params: recompute
     assert other.exit_code == 0 and "up to date" not in other.output, other.output
     assert report.stat().st_mtime_ns != before
+
+
+def _not_read(path):
+    raise AssertionError(f"{path} was read")
 
 
 def test_global_features_equal_the_encoders_f(run: Setup):
