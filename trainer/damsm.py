@@ -449,7 +449,8 @@ def epoch_lr(base_lr: float, epoch: int, decay: float = 0.98) -> float:
 
 
 def _loss(text: MemoryAttendedTextEncoder, image: ObjectAwareImageEncoder, batch: Batch,
-          config: EncoderConfig, regions: RegionCache | None = None) -> tuple[Tensor, Tensor, Tensor]:
+          config: EncoderConfig,
+          regions: RegionCache | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """L^w + L^s (Eq. 25) of a batch, with f and s for R-precision; V_o's detections come from
     ``regions`` when it holds the batch's views."""
     words, sentence = text(batch.captions, batch.lengths)

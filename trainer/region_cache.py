@@ -15,9 +15,9 @@ are recorded (as the training loop records them) and have no entry; the loader l
 out of every epoch.
 
 Memory: per view, ``num_regions`` feature vectors with their boxes, scores and labels (38 KB
-for the toy preset's 36 x 256; 4,000 train images with their mirrors take 300 MB). :func:`cache_bytes` gives the
-figure so that the trainer can leave the cache off where it would not fit (COCO at the
-paper's 1024-d features would need 24 GB).
+for the toy preset's 36 x 256; 4,000 train images with their mirrors take 300 MB).
+:func:`cache_bytes` gives the figure so that the trainer can leave the cache off where it
+would not fit (COCO at the paper's 1024-d features would need 24 GB).
 """
 from __future__ import annotations
 
