@@ -155,3 +155,17 @@ def test_damsm_pretraining_runs_the_detector_once_per_view(setup, monkeypatch, t
         len(setup["vocab"]), 8), random_detector(seed=0), progress=False, threads=1)
     assert sum(calls) == 3 * 10 + 4  # every train image every epoch; val still once
     config.encoder.random_crop = False
+
+
+def test_a_corrupt_val_image_is_evaluations_failure_not_a_skipped_train_image(setup, tmp_path):
+    coco = tmp_path / "coco"
+    shutil.copytree(setup["coco"], coco)
+    val = CocoSplit.open(coco, "val2014")
+    val.image_path(val.captioned_image_ids()[1]).write_bytes(b"not an image")
+    config = setup["config"]
+    config.encoder.epochs = 1
+    run = damsm.train_damsm(coco, tmp_path / "models", config, setup["vocab"],
+                            random_memory(len(setup["vocab"]), 8), random_detector(seed=0),
+                            progress=False, threads=1)
+    assert run.skipped_images == 0 and run.train_images == 10
+    assert run.metrics["val_failed"] == 1.0 and run.metrics["val_images"] == 3.0

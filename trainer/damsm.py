@@ -683,9 +683,10 @@ def _region_caches(image: ObjectAwareImageEncoder, train_set: TextImageDataset,
         if not repeats or size > REGION_CACHE_LIMIT:
             caches.append(None)
             continue
+        train = dataset is train_set  # val failures are evaluate()'s to count, not training's
         caches.append(RegionCache.build(
-            image.detect, dataset, flips, config.encoder.batch_size, device, state.failed,
-            state.failed_indices if dataset is train_set else set(), progress,
+            image.detect, dataset, flips, config.encoder.batch_size, device,
+            state.failed if train else {}, state.failed_indices if train else set(), progress,
             f"V_o of {dataset.split.split}"))
     return caches[0], caches[1]
 
