@@ -12,7 +12,11 @@ of it). Reference: the error of the mean real image. Variants:
 * ``base``: the toy preset (Adam lr 5e-4, betas 0.5 / 0.999, BN in D);
 * ``ttur``: Adam lr 1e-4 for G and 4e-4 for D, betas 0 / 0.9;
 * ``sn-d``: ``ttur`` with D's BN removed and spectral norm on its convolutions and FCs;
-* ``lr-1e-3``: lr 1e-3 for both.
+* ``lr-1e-3``: lr 1e-3 for both;
+* ``g-lr-4x``: lr 2e-3 for G, 5e-4 for D;
+* ``dcgan-g``: a control, a plain DCGAN generator (FC, two stride-2 transposed convolutions
+  with BN and ReLU, conv + tanh) on the same [z; c] in place of G0, to tell the generator's
+  architecture from the rest.
 
     .venv/bin/python bench/gan_first_stage.py --artifacts artifacts --variant base --steps 375
 
@@ -22,6 +26,7 @@ eight generated images over the real ones.
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +36,14 @@ from PIL import Image
 
 from cpgan.config import load_config
 from cpgan.model.gan_losses import generator_adversarial_loss_over_stages, kl_loss
+from cpgan.model.generator import ConditioningAugmentation, GeneratorOutput
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.text import Vocabulary
 from cpgan.trainer import gan
 from cpgan.trainer.data import TextImageDataset, collate
 from cpgan.trainer.sampling import load_text_encoder, to_uint8
 
-VARIANTS = ("base", "ttur", "sn-d", "lr-1e-3")
+VARIANTS = ("base", "ttur", "sn-d", "lr-1e-3", "g-lr-4x", "dcgan-g")
 SIZE, GRID, VAL_IMAGES = 16, 4, 256
 
 
@@ -58,7 +64,37 @@ def spectral_without_bn(module: torch.nn.Module) -> None:
             spectral_without_bn(child)
 
 
-def apply_variant(state: gan.GanState, variant: str) -> None:
+class DcganGenerator(torch.nn.Module):
+    """The ``dcgan-g`` control: DCGAN's generator on [c; z], CA kept, G0's output contract."""
+
+    def __init__(self, text_dim: int, z_dim: int, condition_dim: int) -> None:
+        super().__init__()
+        self.z_dim = z_dim
+        self.condition = ConditioningAugmentation(text_dim, condition_dim)
+        self.fc = torch.nn.Sequential(torch.nn.Linear(z_dim + condition_dim, 128 * 16),
+                                      torch.nn.BatchNorm1d(128 * 16), torch.nn.ReLU())
+        self.net = torch.nn.Sequential(
+            torch.nn.ConvTranspose2d(128, 64, 4, 2, 1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+            torch.nn.ConvTranspose2d(64, 32, 4, 2, 1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 3, 3, 1, 1), torch.nn.Tanh())
+
+    def forward(self, z, sentence, words, mask, sample_condition=True) -> GeneratorOutput:
+        condition, mu, logvar = self.condition(sentence, sample=sample_condition)
+        code = self.fc(torch.cat([condition, z], dim=1)).view(-1, 128, 4, 4)
+        return GeneratorOutput([self.net(code)], [], mu, logvar)
+
+
+def apply_variant(state: gan.GanState, variant: str, config) -> None:
+    if variant == "dcgan-g":
+        state.generator = DcganGenerator(config.encoder.text_dim, config.gan.z_dim,
+                                         config.gan.condition_dim)
+        state.generator_ema = copy.deepcopy(state.generator).requires_grad_(False)
+        state.g_model = state.generator
+        state.optimizer_g = torch.optim.Adam(state.generator.parameters(), config.gan.lr,
+                                             betas=(config.gan.beta1, config.gan.beta2))
+    elif variant == "g-lr-4x":
+        for group in state.optimizer_g.param_groups:
+            group["lr"] = 2e-3
     if variant == "sn-d":
         spectral_without_bn(state.discriminators)
         state.d_model = gan.DiscriminatorObjective(state.discriminators)
@@ -94,7 +130,7 @@ def main() -> None:
     images, captions = preload(root, "train2014", vocab, text.eval(), limit=None)
     val_images, val_captions = preload(root, "val2014", vocab, text, limit=VAL_IMAGES)
     state = gan.build_state(config, True, torch.device("cpu"))
-    apply_variant(state, args.variant)
+    apply_variant(state, args.variant, config)
     batch_size, cpu = config.gan.batch_size, torch.device("cpu")
     draws = torch.Generator().manual_seed(config.seed)
     mean_image = val_images.mean(dim=0, keepdim=True).expand_as(val_images)
