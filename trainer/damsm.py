@@ -673,22 +673,22 @@ def _region_caches(image: ObjectAwareImageEncoder, train_set: TextImageDataset,
                    progress: bool) -> tuple[RegionCache | None, RegionCache | None]:
     """V_o caches (:mod:`cpgan.trainer.region_cache`) for the train views, when they repeat
     (no random crop: the evaluation view and its mirror), and for the val views; each only if
-    it fits in ``REGION_CACHE_LIMIT`` bytes."""
+    it fits in ``REGION_CACHE_LIMIT`` bytes. Val decode failures are left to evaluate()."""
     detector = image.detector
     assert detector is not None
-    caches: list[RegionCache | None] = []
-    for dataset, flips in ((train_set, (False, True)), (val_set, (False,))):
+
+    def build(dataset: TextImageDataset, flips: tuple[bool, ...], failures: dict[int, str],
+              failed_indices: set[int]) -> RegionCache | None:
         size = cache_bytes(len(dataset), len(flips), detector.num_regions, detector.feature_dim)
-        repeats = dataset is val_set or not config.encoder.random_crop
-        if not repeats or size > REGION_CACHE_LIMIT:
-            caches.append(None)
-            continue
-        train = dataset is train_set  # val failures are evaluate()'s to count, not training's
-        caches.append(RegionCache.build(
-            image.detect, dataset, flips, config.encoder.batch_size, device,
-            state.failed if train else {}, state.failed_indices if train else set(), progress,
-            f"V_o of {dataset.split.split}"))
-    return caches[0], caches[1]
+        if size > REGION_CACHE_LIMIT:
+            return None
+        return RegionCache.build(image.detect, dataset, flips, config.encoder.batch_size, device,
+                                 failures, failed_indices, progress,
+                                 f"V_o of {dataset.split.split}")
+
+    train = (None if config.encoder.random_crop
+             else build(train_set, (False, True), state.failed, state.failed_indices))
+    return train, build(val_set, (False,), {}, set())
 
 
 def _epoch_line(name: str, epoch: int, epochs: int, row: dict[str, float]) -> str:
