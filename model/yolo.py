@@ -262,9 +262,10 @@ def region_features(
     box's vector is a weighted sum over the map's positions, ``sum_p w_kp F[:, p]``; the
     weights are torchvision's ``roi_align`` of a one-hot map (one channel per position, no
     gradient) and the sum a batched matmul. The result is RoIAlign's up to rounding (about
-    1e-7), but the backward is a matmul: torchvision's CPU RoIAlign backward is a serial loop,
-    108 ms against 3.5 ms for this form on the toy GAN's batch (32 x 36 boxes, 256 x 4 x 4
-    map, one thread), a fifth of the frozen detector's forward and backward in TISCL.
+    1e-7), but the backward is a matmul: torchvision's CPU RoIAlign backward is a serial loop.
+    Forward and backward on one thread, toy GAN batch (32 x 36 boxes, 256 x 4 x 4 map): 111 ms
+    against 3.0 ms for this form; a toy GAN step on two threads 1.13 times faster on average
+    (``bench/region_features.py``).
     """
     batch, k, _ = boxes.shape
     height, width = feature_map.shape[-2:]
