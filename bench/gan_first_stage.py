@@ -90,7 +90,7 @@ def apply_variant(state: gan.GanState, variant: str, config) -> None:
                                          config.gan.condition_dim)
         state.generator_ema = copy.deepcopy(state.generator).requires_grad_(False)
         state.g_model = state.generator
-        state.optimizer_g = torch.optim.Adam(state.generator.parameters(), config.gan.lr,
+        state.optimizer_g = torch.optim.Adam(state.generator.parameters(), config.gan.lr_g,
                                              betas=(config.gan.beta1, config.gan.beta2))
     elif variant == "g-lr-4x":
         for group in state.optimizer_g.param_groups:

@@ -110,7 +110,8 @@ class GanConfig:
     fgcd_patches: int = 4
     batch_size: int = 72
     epochs: int = 600
-    lr: float = 2e-4
+    lr_g: float = 2e-4            # generator's Adam; the paper uses 2e-4 for both networks
+    lr_d: float = 2e-4            # every discriminator's Adam
     beta1: float = 0.5
     beta2: float = 0.999
     tiscl_lambda: float = 50.0

@@ -12,17 +12,17 @@ def test_presets_carry_the_design_values():
     assert (paper.gan.gf_dim, paper.gan.df_dim, paper.gan.r_num, paper.gan.batch_size) == (48, 96, 3, 72)
     assert (paper.encoder.gamma1, paper.encoder.gamma2, paper.encoder.gamma3) == (4.0, 5.0, 10.0)
     assert paper.gan.base_size * 2 ** (paper.gan.stages - 1) == 256
-    assert (paper.gan.beta1, paper.gan.beta2, paper.gan.lr, paper.gan.tiscl_lambda) == (0.5, 0.999, 2e-4, 50.0)
+    assert (paper.gan.beta1, paper.gan.beta2, paper.gan.lr_g, paper.gan.lr_d, paper.gan.tiscl_lambda) == (0.5, 0.999, 2e-4, 2e-4, 50.0)
     toy = load_config("toy")
     assert toy.preset == "toy" and toy.detector.input_size < paper.detector.input_size
 
 
 def test_user_file_overrides_preset(tmp_path: Path):
     user = tmp_path / "mine.toml"
-    user.write_text("seed = 7\n[memory]\ntopk = 9\n[gan]\nlr = 1\n")
+    user.write_text("seed = 7\n[memory]\ntopk = 9\n[gan]\nlr_d = 1\n")
     config = load_config("toy", user)
     assert config.seed == 7 and config.memory.topk == 9
-    assert config.gan.lr == 1.0 and isinstance(config.gan.lr, float)
+    assert config.gan.lr_d == 1.0 and isinstance(config.gan.lr_d, float)
     assert config.gan.batch_size == load_config("toy").gan.batch_size
 
 

@@ -108,8 +108,8 @@ def checkpoint_payload(config: Config, vocab: Vocabulary, encoders: str, use_obj
     g = config.gan
     discriminators = Discriminators(g.stages, g.df_dim, g.base_size, config.encoder.text_dim,
                                     g.fgcd_patches, fgcd=True)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=g.lr)
-    opt_d = torch.optim.Adam(discriminators.parameters(), lr=g.lr)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=g.lr_g)
+    opt_d = torch.optim.Adam(discriminators.parameters(), lr=g.lr_d)
     return {"format": 1, "kind": "cpgan-gan", "config": config.to_dict(),
             "switches": {"use_memory": True, "use_objects": use_objects, "use_fgcd": True},
             "encoders": encoders, "memory": "memory.h5", "vocab_size": len(vocab),
@@ -164,6 +164,18 @@ def test_read_checkpoint_rebuilds_config_and_generator(setup: Setup):
     stored = torch.load(setup.checkpoint, weights_only=True)["generator_ema"]
     assert all(torch.equal(generator.state_dict()[k], v) for k, v in stored.items())
     assert not generator.training and generator.image_sizes() == [8, 16, 32]
+
+
+def test_a_checkpoint_from_before_separate_learning_rates_reads_its_lr_as_both():
+    config = load_config("toy")
+    config.gan.lr_g = config.gan.lr_d = 3e-4
+    values = config.to_dict()
+    gan_values = {k: v for k, v in values["gan"].items() if k not in ("lr_g", "lr_d")}
+    old = {**values, "gan": {**gan_values, "lr": 3e-4}}
+    assert sampling.config_from_dict(old, Path("old.pt")) == config
+    both = {**values, "gan": {**values["gan"], "lr": 3e-4}}
+    with pytest.raises(CpganError, match="old.pt.*gan.lr"):
+        sampling.config_from_dict(both, Path("old.pt"))
 
 
 def _refusal(path: Path) -> str:

@@ -3,6 +3,7 @@
 The DAMSM encoder files are freshly built encoders saved in the documented format (what
 ``train_damsm`` writes), for every switch combination, so no test waits for pretraining.
 """
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -52,7 +53,8 @@ condition_dim = 4
 fgcd_patches = 2
 batch_size = 4
 epochs = 2
-lr = 0.001
+lr_g = 0.001
+lr_d = 0.001
 """
 CONTRACT_KEYS = {"format", "kind", "config", "switches", "encoders", "memory", "vocab_size",
                  "generator", "generator_ema", "discriminators", "optimizer_g", "optimizer_d",
@@ -107,6 +109,14 @@ def straight(setup) -> gan.GanRun:
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def test_generator_and_discriminators_take_their_own_learning_rates(setup):
+    config = copy.deepcopy(setup["config"])
+    config.gan.lr_g, config.gan.lr_d = 3e-3, 7e-4
+    state = gan.build_state(config, True, torch.device("cpu"))
+    assert {group["lr"] for group in state.optimizer_g.param_groups} == {3e-3}
+    assert {group["lr"] for group in state.optimizer_d.param_groups} == {7e-4}
 
 
 def test_one_step_moves_g_and_d_and_d_alone_lowers_its_loss(setup):
@@ -210,11 +220,11 @@ def test_checkpoint_follows_the_contract(setup):
 
 def test_a_checkpoint_of_another_config_is_refused_in_one_line(setup, straight):
     other = load_config("toy", setup["root"] / "tiny.toml")
-    other.gan.lr = 0.002
+    other.gan.lr_d = 0.002
     with pytest.raises(CpganError) as info:
         _train(setup, name="straight", config=other, resume=True)
     message = str(info.value)
-    assert "\n" not in message and str(straight.checkpoint) in message and "gan.lr" in message
+    assert "\n" not in message and str(straight.checkpoint) in message and "gan.lr_d" in message
     longer = load_config("toy", setup["root"] / "tiny.toml")
     longer.gan.epochs = 3  # more epochs is a legitimate resume: one more epoch of 3 steps
     shutil.copytree(straight.folder, setup["root"] / "runs" / "longer")

@@ -298,15 +298,15 @@ class GanState:
 
 def build_state(config: Config, use_fgcd: bool, device: torch.device,
                 distributed: "Distributed | None" = None) -> GanState:
-    """Fresh G, its EMA copy, the discriminators and Adam (config.gan lr, beta1, beta2)."""
+    """Fresh G, its EMA copy, the discriminators and Adam (config.gan lr_g / lr_d, beta1, beta2)."""
     torch.manual_seed(config.seed)
     generator = build_generator(config).to(device)
     discriminators = build_discriminators(config, use_fgcd).to(device)
     ema = copy.deepcopy(generator).requires_grad_(False).eval()
     g = config.gan
     betas = (g.beta1, g.beta2)
-    optimizer_g = torch.optim.Adam(generator.parameters(), lr=g.lr, betas=betas)
-    optimizer_d = torch.optim.Adam(discriminators.parameters(), lr=g.lr, betas=betas)
+    optimizer_g = torch.optim.Adam(generator.parameters(), lr=g.lr_g, betas=betas)
+    optimizer_d = torch.optim.Adam(discriminators.parameters(), lr=g.lr_d, betas=betas)
     g_model: nn.Module = generator
     d_model: nn.Module = DiscriminatorObjective(discriminators)
     if distributed is not None and distributed.active:
@@ -363,7 +363,8 @@ def train_step(state: GanState, batch: Batch, encoders: "Encoders", config: Conf
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     if bad:
         raise CpganError(f"GAN training diverged at step {state.step} ({bad[0]} = "
-                         f"{values[bad[0]]}); lower gan.lr or restart from the last checkpoint")
+                         f"{values[bad[0]]}); lower gan.lr_g / gan.lr_d or restart from the last "
+                         f"checkpoint")
     return values
 
 
@@ -779,9 +780,10 @@ class _Job:
                  checkpoint_every: int, sample_every: int, log_every: int,
                  num_workers: int) -> None:
         g = config.gan
-        if g.epochs < 0 or g.batch_size < 2 or g.lr <= 0:
+        if g.epochs < 0 or g.batch_size < 2 or min(g.lr_g, g.lr_d) <= 0:
             raise CpganError(f"the GAN needs gan.epochs >= 0, gan.batch_size >= 2 and "
-                             f"gan.lr > 0, got {g.epochs}, {g.batch_size}, {g.lr}")
+                             f"gan.lr_g, gan.lr_d > 0, got {g.epochs}, {g.batch_size}, "
+                             f"{g.lr_g}, {g.lr_d}")
         self.config, self.switches, self.name = config, switches, check_run_name(name)
         self.coco_root, self.root, self.vocab = coco_root, root, vocab
         self.device, self.context, self.progress = device, context, progress and context.is_main

@@ -108,6 +108,11 @@ def config_from_dict(values: Any, where: Path) -> Config:
         raise CpganError(f"{where}: 'config' is not a resolved config (preset and the "
                          f"{', '.join(_CONFIG_SECTIONS)} sections)")
     rest = {k: v for k, v in values.items() if k != "preset"}
+    gan = rest["gan"]
+    if "lr" in gan and "lr_g" not in gan and "lr_d" not in gan:
+        # written before the generator and discriminators had separate learning rates
+        rest["gan"] = {**{k: v for k, v in gan.items() if k != "lr"},
+                       "lr_g": gan["lr"], "lr_d": gan["lr"]}
     try:
         return load_config(values["preset"], overrides=_flatten(rest))
     except CpganError as exc:
