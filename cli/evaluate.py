@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from cpgan.cli import uptodate
+from cpgan import layout
 from cpgan.cli.common import RunContext, common_options, report_errors
 from cpgan.cli.evaluate_tools import fit_classifier
 from cpgan.pipeline import artifacts
@@ -193,7 +193,7 @@ def _report_is_current(run: RunContext, checkpoint_path: Path | None, split_name
 
     root = run.artifacts
     models_dir = root / "models"
-    checkpoint = Path(checkpoint_path or uptodate.default_checkpoint(root))
+    checkpoint = Path(checkpoint_path or layout.default_checkpoint(root))
     record = artifacts.read_record(root, "eval") or {}
     try:
         config = record["config"]
@@ -211,11 +211,11 @@ def _report_is_current(run: RunContext, checkpoint_path: Path | None, split_name
         return False
     inputs = [checkpoint, *checkpoint_files, root / "vocab.json",
               detector_weights or models_dir / "detector.pt", Path(scoring),
-              uptodate.annotation_file(run.coco_root, "captions", split_name),
-              uptodate.annotation_file(run.coco_root, "instances", split_name),
-              *uptodate.damsm_files(models_dir)]
+              layout.annotation_file(run.coco_root, "captions", split_name),
+              layout.annotation_file(run.coco_root, "instances", split_name),
+              *(path for path, _, _ in layout.damsm_variant_files(models_dir))]
     extra = [inception_weights, fid_weights, rprecision_encoders,
-             root / uptodate.MEMORY_NAME if rprecision_encoders is not None else None]
+             root / layout.MEMORY_NAME if rprecision_encoders is not None else None]
     inputs += [p for p in extra if p is not None]
     params = _params(checkpoint, split_name, num_images, batch_size, seed, preset,
                      rprecision_encoders)
