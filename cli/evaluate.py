@@ -121,15 +121,15 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
         summary_line,
     )
     from cpgan.trainer.damsm import pretrained_variants
-    from cpgan.trainer.sampling import default_checkpoint, read_checkpoint
+    from cpgan.trainer.sampling import read_checkpoint
 
     root = run.artifacts
-    checkpoint = read_checkpoint(checkpoint_path or default_checkpoint(root))
+    checkpoint = read_checkpoint(checkpoint_path or layout.default_checkpoint(root))
     config = checkpoint.config
     seed = config.seed if seed is None else seed
     models_dir = root / "models"
-    files = EvalFiles(root, scoring_weights or models_dir / "classifier.pt", inception_weights,
-                      detector_weights or models_dir / "detector.pt",
+    files = EvalFiles(root, scoring_weights or models_dir / layout.CLASSIFIER_NAME,
+                      inception_weights, detector_weights or models_dir / "detector.pt",
                       run.project_path(config.detector.cfg), fid_weights, rprecision_encoders)
     split = CocoSplit.open(run.coco_root, split_name, require_instances=True)
     params = _params(checkpoint.path, split_name, num_images, batch_size, seed, config.preset,
@@ -205,7 +205,7 @@ def _report_is_current(run: RunContext, checkpoint_path: Path | None, split_name
                             *([root / memory] if memory else [])]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    scoring = ((scoring_weights or models_dir / "classifier.pt") if preset == "toy"
+    scoring = ((scoring_weights or models_dir / layout.CLASSIFIER_NAME) if preset == "toy"
                else inception_weights)
     if scoring is None:
         return False

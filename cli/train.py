@@ -174,7 +174,7 @@ class _TrainingJob(abc.ABC):
                  inception_weights: Path | None) -> None:
         self.run = run
         self.root = run.artifacts
-        self.memory_path = (memory_path or self.root / "memory.h5") if use_memory else None
+        self.memory_path = (memory_path or self.root / layout.MEMORY_NAME) if use_memory else None
         self.detector_weights = ((detector_weights or self.root / "models" / "detector.pt")
                                  if use_objects else None)
         self.detector_cfg = run.project_path(run.config.detector.cfg) if use_objects else None
@@ -270,7 +270,7 @@ class DamsmJob(_TrainingJob):
         self.limit, self.val_limit = limit, val_limit
         self.name = layout.damsm_name(use_memory, use_objects)
         self.model = layout.damsm_path(self.root / "models", use_memory, use_objects)
-        self.classifier_weights = (self.root / "models" / "classifier.pt"
+        self.classifier_weights = (self.root / "models" / layout.CLASSIFIER_NAME
                                    if run.config.encoder.backbone == "classifier" else None)
         if self.classifier_weights is not None and not self.classifier_weights.is_file():
             raise CpganError(f"{self.classifier_weights}: the toy scoring classifier, which the "

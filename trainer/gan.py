@@ -369,7 +369,7 @@ def load_encoders(root: Path, vocab: Vocabulary, config: Config, switches: Switc
     from cpgan.trainer.damsm import load_pretrained_encoders, model_path
 
     path = model_path(Path(root) / "models", switches.use_memory, switches.use_objects)
-    memory = (memory_path or Path(root) / "memory.h5") if switches.use_memory else None
+    memory = (memory_path or Path(root) / layout.MEMORY_NAME) if switches.use_memory else None
     text, image = load_pretrained_encoders(path, vocab, config, memory,
                                            detector if switches.use_objects else None,
                                            inception_weights, device)
