@@ -12,14 +12,14 @@ from pathlib import Path
 import click
 
 from cpgan.cli.common import RunContext, common_options
-from cpgan.cli.uptodate import (
+from cpgan.errors import CpganError
+from cpgan.layout import (
     CAPTIONER_NAME,
     CAPTIONER_TRAIN_SPLIT,
     CAPTIONER_VAL_SPLIT,
     annotation_file,
     split_shards,
 )
-from cpgan.errors import CpganError
 from cpgan.pipeline import artifacts
 from cpgan.pipeline.cluster import default_workers
 

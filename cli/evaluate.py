@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from cpgan.cli import uptodate
+from cpgan import layout
 from cpgan.cli.common import RunContext, common_options, report_errors
 from cpgan.cli.evaluate_tools import fit_classifier
 from cpgan.pipeline import artifacts
@@ -121,15 +121,15 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
         summary_line,
     )
     from cpgan.trainer.damsm import pretrained_variants
-    from cpgan.trainer.sampling import default_checkpoint, read_checkpoint
+    from cpgan.trainer.sampling import read_checkpoint
 
     root = run.artifacts
-    checkpoint = read_checkpoint(checkpoint_path or default_checkpoint(root))
+    checkpoint = read_checkpoint(checkpoint_path or layout.default_checkpoint(root))
     config = checkpoint.config
     seed = config.seed if seed is None else seed
     models_dir = root / "models"
-    files = EvalFiles(root, scoring_weights or models_dir / "classifier.pt", inception_weights,
-                      detector_weights or models_dir / "detector.pt",
+    files = EvalFiles(root, scoring_weights or models_dir / layout.CLASSIFIER_NAME,
+                      inception_weights, detector_weights or models_dir / "detector.pt",
                       run.project_path(config.detector.cfg), fid_weights, rprecision_encoders)
     split = CocoSplit.open(run.coco_root, split_name, require_instances=True)
     params = _params(checkpoint.path, split_name, num_images, batch_size, seed, config.preset,
@@ -193,7 +193,7 @@ def _report_is_current(run: RunContext, checkpoint_path: Path | None, split_name
 
     root = run.artifacts
     models_dir = root / "models"
-    checkpoint = Path(checkpoint_path or uptodate.default_checkpoint(root))
+    checkpoint = Path(checkpoint_path or layout.default_checkpoint(root))
     record = artifacts.read_record(root, "eval") or {}
     try:
         config = record["config"]
@@ -205,17 +205,17 @@ def _report_is_current(run: RunContext, checkpoint_path: Path | None, split_name
                             *([root / memory] if memory else [])]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    scoring = ((scoring_weights or models_dir / "classifier.pt") if preset == "toy"
+    scoring = ((scoring_weights or models_dir / layout.CLASSIFIER_NAME) if preset == "toy"
                else inception_weights)
     if scoring is None:
         return False
     inputs = [checkpoint, *checkpoint_files, root / "vocab.json",
               detector_weights or models_dir / "detector.pt", Path(scoring),
-              uptodate.annotation_file(run.coco_root, "captions", split_name),
-              uptodate.annotation_file(run.coco_root, "instances", split_name),
-              *uptodate.damsm_files(models_dir)]
+              layout.annotation_file(run.coco_root, "captions", split_name),
+              layout.annotation_file(run.coco_root, "instances", split_name),
+              *(path for path, _, _ in layout.damsm_variant_files(models_dir))]
     extra = [inception_weights, fid_weights, rprecision_encoders,
-             root / uptodate.MEMORY_NAME if rprecision_encoders is not None else None]
+             root / layout.MEMORY_NAME if rprecision_encoders is not None else None]
     inputs += [p for p in extra if p is not None]
     params = _params(checkpoint, split_name, num_images, batch_size, seed, preset,
                      rprecision_encoders)

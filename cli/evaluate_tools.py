@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from cpgan.cli.common import RunContext, common_options
-from cpgan.cli.uptodate import (
+from cpgan.layout import (
     CLASSIFIER_BATCH_SIZE,
     CLASSIFIER_EPOCHS,
     CLASSIFIER_LR,

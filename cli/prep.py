@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from cpgan.cli.common import TOY_DIRNAME, RunContext, common_options, report_errors
-from cpgan.cli.uptodate import REGION_INDEX_NAME, annotation_file
+from cpgan.layout import REGION_INDEX_NAME, annotation_file
 from cpgan.pipeline import artifacts
 from cpgan.pipeline.cluster import default_workers
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import click
 
-from cpgan.cli import uptodate
+from cpgan import layout
 from cpgan.cli.common import RunContext, common_options, report_errors
 from cpgan.errors import CpganError
 from cpgan.pipeline import artifacts
@@ -174,7 +174,7 @@ class _TrainingJob(abc.ABC):
                  inception_weights: Path | None) -> None:
         self.run = run
         self.root = run.artifacts
-        self.memory_path = (memory_path or self.root / "memory.h5") if use_memory else None
+        self.memory_path = (memory_path or self.root / layout.MEMORY_NAME) if use_memory else None
         self.detector_weights = ((detector_weights or self.root / "models" / "detector.pt")
                                  if use_objects else None)
         self.detector_cfg = run.project_path(run.config.detector.cfg) if use_objects else None
@@ -201,8 +201,8 @@ class _TrainingJob(abc.ABC):
 
     def _inputs(self, *stage_files: Path) -> list[Path]:
         coco = self.run.coco_root
-        files = [uptodate.annotation_file(coco, "captions", "train2014"),
-                 uptodate.annotation_file(coco, "captions", "val2014"), self.vocab_path,
+        files = [layout.annotation_file(coco, "captions", "train2014"),
+                 layout.annotation_file(coco, "captions", "val2014"), self.vocab_path,
                  *stage_files]
         files += [p for p in (self.memory_path, self.detector_weights, self.detector_cfg,
                               self.inception_weights) if p is not None]
@@ -268,9 +268,9 @@ class DamsmJob(_TrainingJob):
                          inception_weights)
         self.use_memory, self.use_objects = use_memory, use_objects
         self.limit, self.val_limit = limit, val_limit
-        self.name = uptodate.damsm_name(use_memory, use_objects)
-        self.model = uptodate.damsm_path(self.root / "models", use_memory, use_objects)
-        self.classifier_weights = (self.root / "models" / "classifier.pt"
+        self.name = layout.damsm_name(use_memory, use_objects)
+        self.model = layout.damsm_path(self.root / "models", use_memory, use_objects)
+        self.classifier_weights = (self.root / "models" / layout.CLASSIFIER_NAME
                                    if run.config.encoder.backbone == "classifier" else None)
         if self.classifier_weights is not None and not self.classifier_weights.is_file():
             raise CpganError(f"{self.classifier_weights}: the toy scoring classifier, which the "
@@ -295,7 +295,7 @@ class DamsmJob(_TrainingJob):
 
     @property
     def record(self) -> Path:
-        return uptodate.damsm_record(self.model)
+        return layout.damsm_record(self.model)
 
     def is_current(self) -> bool:
         return self._recorded_current()
@@ -308,14 +308,14 @@ class DamsmJob(_TrainingJob):
             from cpgan.trainer.damsm import pretrained_summary
 
             metrics = pretrained_summary(self.model)
-        return f"val {uptodate.describe_damsm_metrics(metrics)}" if metrics else "no stored metrics"
+        return f"val {layout.describe_damsm_metrics(metrics)}" if metrics else "no stored metrics"
 
     # -------------------------------------------------------------------------- training
 
     def train(self, device: str, resume: bool, workers: int) -> None:
         from cpgan.pipeline.detect import load_detector
         from cpgan.pipeline.text import Vocabulary
-        from cpgan.trainer.damsm import describe_metrics, train_damsm
+        from cpgan.trainer.damsm import train_damsm
 
         vocab = Vocabulary.load(self.vocab_path)
         memory = None
@@ -334,7 +334,7 @@ class DamsmJob(_TrainingJob):
         minutes, seconds = divmod(int(result.seconds + 0.5), 60)
         click.echo(f"damsm [{self.name}]: {result.epochs} epochs on {result.train_images} "
                    f"train images ({result.skipped_images} skipped) in {minutes}m{seconds:02d}s; "
-                   f"val {describe_metrics(result.metrics)} -> {self.model}")
+                   f"val {layout.describe_damsm_metrics(result.metrics)} -> {self.model}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,13 +365,9 @@ class GanJob(_TrainingJob):
         super().__init__(run, memory_path, use_memory, use_objects, detector_weights,
                          inception_weights)
         self.options = options
-        self.name = options.name or uptodate.run_name(*switches)
-        if not uptodate.is_plain_run_name(self.name):
-            from cpgan.trainer.gan import check_run_name
-
-            check_run_name(self.name)  # raises, saying what a run name may hold
-        self.folder = self.root / uptodate.RUNS_DIR / self.name
-        self.encoders = uptodate.damsm_path(self.root / "models", use_memory, use_objects)
+        self.name = options.name or layout.run_name(*switches)
+        self.folder = layout.run_dir(self.root, self.name)  # raises, saying what a name may hold
+        self.encoders = layout.damsm_path(self.root / "models", use_memory, use_objects)
 
     # -------------------------------------------------------------------------- provenance
 
@@ -388,11 +384,11 @@ class GanJob(_TrainingJob):
         return self._inputs(self.encoders)
 
     def outputs(self) -> list[Path]:
-        return [self.folder / uptodate.CHECKPOINT_NAME, self.folder / uptodate.METRICS_NAME]
+        return [layout.checkpoint_file(self.folder), layout.metrics_file(self.folder)]
 
     @property
     def main_variant(self) -> bool:
-        return self.name == uptodate.RUN_STEM and all(self.switches.values())
+        return self.name == layout.RUN_STEM and all(self.switches.values())
 
     @property
     def record(self) -> Path:
@@ -403,7 +399,7 @@ class GanJob(_TrainingJob):
 
     def describe(self) -> str:
         try:
-            lines = (self.folder / uptodate.METRICS_NAME).read_text(encoding="utf-8").splitlines()
+            lines = layout.metrics_file(self.folder).read_text(encoding="utf-8").splitlines()
             return describe_losses(json.loads(lines[-1]))
         except (OSError, IndexError, json.JSONDecodeError, KeyError, TypeError):
             return "no logged losses"
@@ -444,7 +440,7 @@ class GanJob(_TrainingJob):
 def _processes() -> int:
     """The processes of this run: one, unless torchrun's variables are set (then the trainer
     reads and checks them, importing torch)."""
-    if not uptodate.under_torchrun():
+    if not layout.under_torchrun():
         return 1
     from cpgan.trainer.gan import distributed_from_env
 

@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 from pycocotools.coco import COCO
 
+from cpgan import layout
 from cpgan.errors import CpganError, ItemError
 
 SPLITS = ("train2014", "val2014")
@@ -155,9 +156,7 @@ def _check_instances(data: dict[str, Any], image_ids: set[int], path: Path) -> N
             )
 
 
-def annotation_file(root: Path, kind: str, split: str) -> Path:
-    """``root/annotations/{captions,instances}_{split}.json`` of the official layout."""
-    return Path(root) / "annotations" / f"{kind}_{split}.json"
+annotation_file = layout.annotation_file  # in cpgan.layout: read without torch
 
 
 def _index(data: dict[str, Any]) -> COCO:

@@ -51,7 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cpgan import __version__
+from cpgan import __version__, layout
 from cpgan.errors import CpganError, ItemError
 from cpgan.pipeline import artifacts
 from cpgan.pipeline import regions as store
@@ -65,7 +65,7 @@ if TYPE_CHECKING:  # the dask workers import this module: keep torch and OpenCV 
 
     from cpgan.pipeline.coco import CocoSplit
 
-MEMORY_NAME = "memory.h5"
+MEMORY_NAME = layout.MEMORY_NAME  # in cpgan.layout: read without torch
 INDEX_NAME = "memory_index.parquet"
 PURITY_NAME = "memory_purity.json"
 VOCAB_NAME = "vocab.json"

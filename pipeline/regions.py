@@ -21,10 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cpgan import layout
 from cpgan.errors import CpganError
 from cpgan.pipeline.artifacts import atomic_write
 
-INDEX_NAME = "index.parquet"
+INDEX_NAME = layout.REGION_INDEX_NAME  # in cpgan.layout: read without torch
 INDEX_SCHEMA = pa.schema(
     [
         ("image_id", pa.int64()),

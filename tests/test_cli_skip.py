@@ -1,35 +1,63 @@
 """A command whose stage is up to date says so before importing anything heavy.
 
 A second `make demo` runs 14 commands; each used to spend 4-8 s importing torch and
-torchvision only to print 'up to date'. The commands' checks use names restated without
-torch in cli/uptodate.py: the first test checks them against their owners. The second makes
-an artifacts folder on which the demo's stages have run, with their work replaced by stubs
-that write placeholder files (the records are the commands' own), then runs the demo's
-commands in a fresh interpreter and checks what they print and that nothing heavy was
-imported.
+torchvision only to print 'up to date'. The commands' checks take the stages' file names and
+rules from cpgan.layout, which imports no torch; the stages' modules take theirs from it too.
+The first tests check that the owners' names are the layout's objects, not copies of them. The
+last makes an artifacts folder on which the demo's stages have run, with their work replaced by
+stubs that write placeholder files (the records are the commands' own), then runs the demo's
+commands in a fresh interpreter and checks what they print and that nothing heavy was imported.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib
+import inspect
 import itertools
 import json
 import os
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from builders import run_prep
-from cpgan.cli import uptodate
+from cpgan import layout
 from cpgan.errors import CpganError
 
 HEAVY = ("torch", "torchvision", "matplotlib", "dask", "distributed", "cv2", "pycocotools",
          "pandas", "h5py", "cpgan.trainer", "cpgan.model")
 """Packages an up-to-date command must not import (torch and torchvision alone take ~5 s)."""
+SINGLE_SOURCED = {
+    "cpgan.pipeline.coco": {"annotation_file": "annotation_file"},
+    "cpgan.pipeline.regions": {"INDEX_NAME": "REGION_INDEX_NAME"},
+    "cpgan.pipeline.memory": {"MEMORY_NAME": "MEMORY_NAME"},
+    "cpgan.trainer.captioner": {"MODEL_NAME": "CAPTIONER_NAME",
+                                "TRAIN_SPLIT": "CAPTIONER_TRAIN_SPLIT",
+                                "VAL_SPLIT": "CAPTIONER_VAL_SPLIT", "split_shards": "split_shards"},
+    "cpgan.trainer.classifier": {"MODEL_NAME": "CLASSIFIER_NAME",
+                                 "TRAIN_SPLIT": "CLASSIFIER_TRAIN_SPLIT",
+                                 "VAL_SPLIT": "CLASSIFIER_VAL_SPLIT", "EPOCHS": "CLASSIFIER_EPOCHS",
+                                 "BATCH_SIZE": "CLASSIFIER_BATCH_SIZE", "LR": "CLASSIFIER_LR"},
+    "cpgan.trainer.damsm": {"MODEL_STEM": "DAMSM_STEM", "VARIANTS": "DAMSM_VARIANTS",
+                            "model_name": "damsm_name", "model_path": "damsm_path",
+                            "provenance_path": "damsm_record",
+                            "variant_files": "damsm_variant_files",
+                            "describe_metrics": "describe_damsm_metrics"},
+    "cpgan.trainer.gan": {name: name for name in ("RUN_STEM", "run_name", "check_run_name",
+                                                  "run_dir", "checkpoint_file", "metrics_file")},
+    "cpgan.trainer.sampling": {"RUNS_DIR": "RUNS_DIR", "CHECKPOINT_NAME": "CHECKPOINT_NAME",
+                               "DEFAULT_RUN": "RUN_STEM",
+                               "default_checkpoint": "default_checkpoint"},
+}
+"""Per owner module: its names that are cpgan.layout's objects (owner's name -> layout's)."""
 METRICS = {"epoch": 1.0, "train_loss": 2.0, "val_loss": 1.25, "r_precision": 0.5,
            "r_precision_std": 0.05, "r_precision_in_batch": 0.625,
            "r_precision_in_batch_std": 0.0625, "candidates": 100.0}
@@ -38,74 +66,136 @@ BLOCK = {"fid": 1.0, "inception_score": {"mean": 1.0, "std": 0.0},
          "r_precision": {"mean": 0.5, "std": 0.0}, "soa_c": None}
 
 
-def test_restated_names_agree_with_their_owners(tmp_path: Path, monkeypatch):
-    from cpgan.pipeline import coco, memory, regions
-    from cpgan.trainer import captioner, classifier, damsm, gan, sampling
+def _module_statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """A module's statements, with those inside its top-level if, try and with blocks."""
+    for node in body:
+        yield node
+        if isinstance(node, (ast.If, ast.Try, ast.With)):
+            for block in ("body", "orelse", "finalbody"):
+                yield from _module_statements(getattr(node, block, []))
+            for handler in getattr(node, "handlers", []):
+                yield from _module_statements(handler.body)
 
-    assert (uptodate.annotation_file(tmp_path, "instances", "val2014")
-            == coco.annotation_file(tmp_path, "instances", "val2014"))
-    assert uptodate.REGION_INDEX_NAME == regions.INDEX_NAME
-    assert uptodate.MEMORY_NAME == memory.MEMORY_NAME
-    assert ((uptodate.CAPTIONER_NAME, uptodate.CAPTIONER_TRAIN_SPLIT, uptodate.CAPTIONER_VAL_SPLIT)
-            == (captioner.MODEL_NAME, captioner.TRAIN_SPLIT, captioner.VAL_SPLIT))
+
+def _bindings(source: str) -> dict[str, list[str]]:
+    """Every module-level binding of each name in ``source``: ``layout.X`` where the name is
+    bound to cpgan.layout's X (``NAME = layout.X``, ``from cpgan.layout import X as NAME``),
+    else what binds it (a def, a class, another assignment or import)."""
+    found: dict[str, list[str]] = defaultdict(list)
+    for node in _module_statements(ast.parse(source).body):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found[node.name].append(type(node).__name__)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                name = alias.asname or alias.name.partition(".")[0]
+                from_layout = isinstance(node, ast.ImportFrom) and node.module == "cpgan.layout"
+                found[name].append(f"layout.{alias.name}" if from_layout else "import")
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            value = node.value
+            from_layout = (isinstance(value, ast.Attribute) and isinstance(value.value, ast.Name)
+                           and value.value.id == "layout")
+            for target in targets:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        found[name.id].append(f"layout.{value.attr}" if from_layout
+                                              else "assignment")
+    return found
+
+
+def test_bindings_tell_a_layout_object_from_a_copy():
+    source = """
+from cpgan import layout
+from cpgan.layout import CAPTIONER_NAME as MODEL_NAME, split_shards
+RUNS_DIR = layout.RUNS_DIR
+CHECKPOINT_NAME = "checkpoint.pt"
+run_dir = layout.run_dir
+def run_dir(root, name): ...
+if True:
+    DEFAULT_RUN = "cpgan"
+"""
+    found = _bindings(source)
+    assert found["MODEL_NAME"] == ["layout.CAPTIONER_NAME"]
+    assert found["split_shards"] == ["layout.split_shards"]
+    assert found["RUNS_DIR"] == ["layout.RUNS_DIR"]
+    assert found["CHECKPOINT_NAME"] == ["assignment"]
+    assert found["run_dir"] == ["layout.run_dir", "FunctionDef"]
+    assert found["DEFAULT_RUN"] == ["assignment"]
+
+
+@pytest.mark.parametrize("owner", sorted(SINGLE_SOURCED))
+def test_owners_take_their_names_from_the_layout(owner: str):
+    """An owner that defined its own copy of a name again (a literal, a def) fails here."""
+    module = importlib.import_module(owner)
+    found = _bindings(inspect.getsource(module))
+    for name, layout_name in SINGLE_SOURCED[owner].items():
+        assert found[name] == [f"layout.{layout_name}"], (
+            f"{owner}.{name} is bound by {found[name]}: bind it to cpgan.layout.{layout_name} "
+            "only (the up-to-date checks read that one)")
+        assert getattr(module, name) is getattr(layout, layout_name), f"{owner}.{name}"
+
+
+def test_the_layout_imports_nothing_heavy():
+    script = f"""
+import sys
+import cpgan.layout
+print(*sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in {HEAVY!r})))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == []
+
+
+def test_layout_rules(tmp_path: Path, monkeypatch):
+    """The rules behind the names, and the owners' uses of them that are not the layout's
+    objects themselves (gan.Switches, gan.distributed_from_env)."""
+    from cpgan.trainer import gan
+
     for name in ("train2014-00001.h5", "train2014-00000.h5", "train2014-0002.h5",
                  "val2014-00000.h5", "xtrain2014-00003.h5", "train2014-00004.h5.tmp"):
         (tmp_path / name).touch()
-    shards = uptodate.split_shards(tmp_path, "train2014")
-    assert len(shards) == 2 and shards == captioner.split_shards(tmp_path, "train2014")
-    assert ((uptodate.CLASSIFIER_NAME, uptodate.CLASSIFIER_TRAIN_SPLIT,
-             uptodate.CLASSIFIER_VAL_SPLIT, uptodate.CLASSIFIER_EPOCHS,
-             uptodate.CLASSIFIER_BATCH_SIZE, uptodate.CLASSIFIER_LR)
-            == (classifier.MODEL_NAME, classifier.TRAIN_SPLIT, classifier.VAL_SPLIT,
-                classifier.EPOCHS, classifier.BATCH_SIZE, classifier.LR))
+    assert layout.split_shards(tmp_path, "train2014") == [tmp_path / "train2014-00000.h5",
+                                                         tmp_path / "train2014-00001.h5"]
 
     models = tmp_path / "models"
-    assert uptodate.DAMSM_VARIANTS == damsm.VARIANTS
-    for use_memory, use_objects in damsm.VARIANTS:
-        model = damsm.model_path(models, use_memory, use_objects)
-        assert uptodate.damsm_name(use_memory, use_objects) == damsm.model_name(use_memory,
-                                                                                use_objects)
-        assert uptodate.damsm_path(models, use_memory, use_objects) == model
-        assert uptodate.damsm_record(model) == damsm.provenance_path(model)
     models.mkdir()
     for name in ("damsm-no-oaie.pt", "damsm.pt"):
         (models / name).touch()
-    assert uptodate.damsm_files(models) == [p for p, _, _ in damsm.variant_files(models)]
-    assert uptodate.describe_damsm_metrics(METRICS) == damsm.describe_metrics(METRICS)
+    assert layout.damsm_variant_files(models) == [(models / "damsm.pt", True, True),
+                                                  (models / "damsm-no-oaie.pt", True, False)]
+    assert (layout.damsm_record(models / "damsm-no-memory.pt")
+            == models / "damsm-no-memory.provenance.json")
 
-    assert uptodate.RUN_STEM == gan.RUN_STEM == sampling.DEFAULT_RUN
-    assert (uptodate.RUNS_DIR, uptodate.CHECKPOINT_NAME) == (sampling.RUNS_DIR,
-                                                             sampling.CHECKPOINT_NAME)
-    folder = gan.run_dir(tmp_path, "cpgan-x")
-    assert folder == tmp_path / uptodate.RUNS_DIR / "cpgan-x"
-    assert gan.checkpoint_file(folder) == folder / uptodate.CHECKPOINT_NAME
-    assert gan.metrics_file(folder) == folder / uptodate.METRICS_NAME
+    folder = layout.run_dir(tmp_path, "cpgan-x")
+    assert folder == tmp_path / "runs" / "cpgan-x"
+    assert layout.checkpoint_file(folder) == folder / "checkpoint.pt"
+    assert layout.metrics_file(folder) == folder / "metrics.jsonl"
     # cli/train.py keeps the switches as this dict and builds gan.Switches(**it) to train
     assert [f.name for f in dataclasses.fields(gan.Switches)] == ["use_memory", "use_objects",
                                                                   "use_fgcd"]
     for switches in itertools.product((True, False), repeat=3):
-        assert uptodate.run_name(*switches) == gan.Switches(*switches).name
-    for name in ("cpgan", "a.b-c_D9", ".hidden", "-x", "a/b", "", "é"):
-        try:
-            gan.check_run_name(name)
-            accepted = True
-        except CpganError:
-            accepted = False
-        assert uptodate.is_plain_run_name(name) is accepted, name
-    for key in uptodate.TORCHRUN_ENV:
+        assert layout.run_name(*switches) == gan.Switches(*switches).name
+    for name, plain in (("cpgan", True), ("a.b-c_D9", True), (".hidden", False), ("-x", False),
+                        ("a/b", False), ("", False), ("é", False)):
+        if plain:
+            assert layout.check_run_name(name) == name
+        else:
+            with pytest.raises(CpganError, match="run name"):
+                layout.run_dir(tmp_path, name)
+    for key in layout.TORCHRUN_ENV:
         monkeypatch.delenv(key, raising=False)
-    assert not uptodate.under_torchrun() and gan.distributed_from_env().world_size == 1
+    assert not layout.under_torchrun() and gan.distributed_from_env().world_size == 1
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert uptodate.under_torchrun() and gan.distributed_from_env().world_size == 2
+    assert layout.under_torchrun() and gan.distributed_from_env().world_size == 2
 
-    assert uptodate.default_checkpoint(tmp_path) == sampling.default_checkpoint(tmp_path)
+    assert layout.default_checkpoint(tmp_path) == tmp_path / "runs/cpgan/checkpoint.pt"
     for index, run in enumerate(("b", "a")):
         path = tmp_path / "runs" / run / "checkpoint.pt"
         path.parent.mkdir(parents=True)
         path.touch()
         os.utime(path, ns=(10**18 + index, 10**18 + index))
-    assert uptodate.default_checkpoint(tmp_path) == sampling.default_checkpoint(tmp_path)
-    assert uptodate.default_checkpoint(tmp_path).parent.name == "a"
+    assert layout.default_checkpoint(tmp_path).parent.name == "a"
 
 
 def _placeholders(*paths: Path) -> list[Path]:
@@ -137,7 +227,7 @@ def _stub_the_stages(monkeypatch, root: Path) -> None:
 
     def fake_detect(split, settings, out_dir, **_):
         shards = _placeholders(Path(out_dir) / f"{settings.split}-00000.h5")
-        index = Path(out_dir) / uptodate.REGION_INDEX_NAME
+        index = Path(out_dir) / layout.REGION_INDEX_NAME
         rows = pq.read_table(index).to_pylist() if index.exists() else []
         rows = [r for r in rows if r["split"] != settings.split]
         rows += [{"split": settings.split, "image_id": i} for i in split.image_ids()]

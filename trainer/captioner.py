@@ -36,7 +36,6 @@ model is ``models/captioner.pt``, a plain dict of tensors and sizes loadable wit
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -49,6 +48,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from cpgan import layout
 from cpgan.config import AttentionConfig
 from cpgan.errors import CpganError
 from cpgan.model.butd import (
@@ -63,10 +63,11 @@ from cpgan.pipeline import regions as store
 from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.text import Vocabulary
 
-TRAIN_SPLIT = "train2014"
-VAL_SPLIT = "val2014"
+# in cpgan.layout: the up-to-date checks read these without torch
+TRAIN_SPLIT = layout.CAPTIONER_TRAIN_SPLIT
+VAL_SPLIT = layout.CAPTIONER_VAL_SPLIT
+MODEL_NAME = layout.CAPTIONER_NAME
 CHECKPOINT_NAME = "captioner.ckpt.pt"
-MODEL_NAME = "captioner.pt"
 SAMPLE_CAPTIONS = 3
 _SIZE_KEYS = ("vocab_size", "feature_dim", "num_classes", "embed_dim", "hidden_dim",
               "attention_dim")
@@ -77,10 +78,7 @@ _MIN_STD = 1e-6
 # Region shards and caption pairs (shared with pipeline/attend.py)
 
 
-def split_shards(regions_dir: Path, split: str) -> list[Path]:
-    """The split's region shards ``<split>-NNNNN.h5`` in shard order."""
-    pattern = re.compile(rf"{re.escape(split)}-\d{{5}}\.h5")
-    return sorted(p for p in Path(regions_dir).glob(f"{split}-*.h5") if pattern.fullmatch(p.name))
+split_shards = layout.split_shards  # in cpgan.layout: read without torch
 
 
 def failed_images(regions_dir: Path, split: str) -> list[int]:

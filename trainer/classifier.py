@@ -43,18 +43,20 @@ from pycocotools import mask as mask_utils
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from cpgan import layout
 from cpgan.errors import CpganError
 from cpgan.model.classifier import TOY_IMAGE_SIZE, TOY_WIDTH, InceptionScorer, ToyClassifier
 from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.coco import CocoSplit, iter_images
 from cpgan.pipeline.toy import TOY_CATEGORIES, TOY_COLOURS
 
-TRAIN_SPLIT = "train2014"
-VAL_SPLIT = "val2014"
-MODEL_NAME = "classifier.pt"
-EPOCHS = 30
-BATCH_SIZE = 32
-LR = 3e-3
+# in cpgan.layout: the up-to-date checks read these without torch
+TRAIN_SPLIT = layout.CLASSIFIER_TRAIN_SPLIT
+VAL_SPLIT = layout.CLASSIFIER_VAL_SPLIT
+MODEL_NAME = layout.CLASSIFIER_NAME
+EPOCHS = layout.CLASSIFIER_EPOCHS
+BATCH_SIZE = layout.CLASSIFIER_BATCH_SIZE
+LR = layout.CLASSIFIER_LR
 WEIGHT_DECAY = 1e-4
 WARMUP = 0.15
 DENSE_WEIGHT = 1.0

@@ -59,6 +59,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from cpgan import layout
 from cpgan.config import Config, DetectorConfig, EncoderConfig
 from cpgan.errors import CpganError
 from cpgan.model.darknet import Darknet
@@ -81,7 +82,7 @@ from cpgan.trainer.region_cache import RegionCache, cache_bytes
 
 TRAIN_SPLIT = "train2014"
 VAL_SPLIT = "val2014"
-MODEL_STEM = "damsm"
+MODEL_STEM = layout.DAMSM_STEM  # in cpgan.layout: read without torch
 FORMAT = 1
 ADAM_BETAS = (0.5, 0.999)       # AttnGAN's DAMSM optimiser
 LR_FLOOR = 0.1                  # AttnGAN: lr *= decay per epoch while lr > ENCODER_LR / 10
@@ -93,16 +94,14 @@ _SIZE_KEYS = ("vocab_size", "word_embed_dim", "text_dim", "image_size", "backbon
 
 
 # --------------------------------------------------------------------------------------------
-# Names
+# Names: the model files' are in cpgan.layout (the up-to-date checks read them without torch),
+# the training checkpoint's is this module's
 
-
-def model_name(use_memory: bool = True, use_objects: bool = True) -> str:
-    """``damsm``, ``damsm-no-memory``, ``damsm-no-oaie`` or ``damsm-no-memory-no-oaie``."""
-    return MODEL_STEM + ("" if use_memory else "-no-memory") + ("" if use_objects else "-no-oaie")
-
-
-def model_path(models_dir: Path, use_memory: bool = True, use_objects: bool = True) -> Path:
-    return Path(models_dir) / f"{model_name(use_memory, use_objects)}.pt"
+model_name = layout.damsm_name
+model_path = layout.damsm_path
+provenance_path = layout.damsm_record
+VARIANTS = layout.DAMSM_VARIANTS
+variant_files = layout.damsm_variant_files
 
 
 def checkpoint_path(models_dir: Path, use_memory: bool = True, use_objects: bool = True) -> Path:
@@ -697,11 +696,7 @@ def _epoch_line(name: str, epoch: int, epochs: int, row: dict[str, float]) -> st
             f"± {row['r_precision_std']:.3f} (in-batch {row['r_precision_in_batch']:.3f})")
 
 
-def describe_metrics(metrics: dict[str, float]) -> str:
-    """'R-precision 0.934 ± 0.021 (in-batch 0.951), val loss 2.310' for summary lines."""
-    return (f"R-precision {metrics['r_precision']:.3f} ± {metrics['r_precision_std']:.3f} "
-            f"(in-batch {metrics['r_precision_in_batch']:.3f}, "
-            f"{int(metrics['candidates'])} candidates), val loss {metrics['val_loss']:.3f}")
+describe_metrics = layout.describe_damsm_metrics  # in cpgan.layout: read without torch
 
 
 def pretrained_summary(path: Path) -> dict[str, float] | None:
@@ -714,24 +709,8 @@ def pretrained_summary(path: Path) -> dict[str, float] | None:
     return metrics if isinstance(metrics, dict) else None
 
 
-def provenance_path(model: Path) -> Path:
-    """``models/<name>.provenance.json``: the record of how ``models/<name>.pt`` was trained
-    (for ``damsm.pt`` this is the damsm stage's own record)."""
-    return model.with_name(f"{model.stem}.provenance.json")
-
-
-VARIANTS: tuple[tuple[bool, bool], ...] = ((True, True), (False, True), (True, False),
-                                          (False, False))
-"""(use_memory, use_objects) of every encoder file: damsm, -no-memory, -no-oaie, both."""
 _REPORTED = ("r_precision", "r_precision_std", "r_precision_in_batch", "r_precision_in_batch_std",
              "val_loss", "epoch")
-
-
-def variant_files(models_dir: Path) -> list[tuple[Path, bool, bool]]:
-    """(file, use_memory, use_objects) of every encoder variant present in ``models_dir``."""
-    found = [(model_path(models_dir, memory, objects), memory, objects)
-             for memory, objects in VARIANTS]
-    return [entry for entry in found if entry[0].is_file()]
 
 
 def pretrained_variants(models_dir: Path) -> list[dict[str, Any]]:

@@ -48,7 +48,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cpgan import layout
 from cpgan.config import Config
 from cpgan.errors import CpganError
 from cpgan.model.discriminator import Discriminators
@@ -89,7 +89,7 @@ from cpgan.trainer.data import (
     multi_resolution_sizes,
 )
 
-RUN_STEM = "cpgan"
+RUN_STEM = layout.RUN_STEM  # in cpgan.layout: read without torch
 FORMAT = 1
 KIND = "cpgan-gan"
 TRAIN_SPLIT = "train2014"
@@ -108,11 +108,10 @@ CHECKPOINT_KEYS = frozenset({
     "generator_ema", "discriminators", "optimizer_g", "optimizer_d", "step", "epoch",
     "finished", "rng"})
 RESUMABLE_KEYS = ("gan.epochs",)  # may grow between a checkpoint and its resume
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 # --------------------------------------------------------------------------------------------
-# Names and paths
+# Names and paths: a run's are in cpgan.layout (the up-to-date checks read them without torch)
 
 
 @dataclass(frozen=True)
@@ -131,30 +130,11 @@ class Switches:
         return run_name(self.use_memory, self.use_objects, self.use_fgcd)
 
 
-def run_name(use_memory: bool = True, use_objects: bool = True, use_fgcd: bool = True) -> str:
-    """``cpgan`` plus ``-no-memory``, ``-no-oaie``, ``-no-fgcd`` (in this order) per switch off."""
-    return (RUN_STEM + ("" if use_memory else "-no-memory") + ("" if use_objects else "-no-oaie")
-            + ("" if use_fgcd else "-no-fgcd"))
-
-
-def check_run_name(name: str) -> str:
-    """A run name is one plain folder name (no path separators, no leading dot)."""
-    if not _NAME.fullmatch(name):
-        raise CpganError(f"run name {name!r}: use letters, digits, '.', '_' and '-' only, "
-                         "starting with a letter or digit")
-    return name
-
-
-def run_dir(root: Path, name: str) -> Path:
-    return Path(root) / "runs" / check_run_name(name)
-
-
-def checkpoint_file(folder: Path) -> Path:
-    return Path(folder) / "checkpoint.pt"
-
-
-def metrics_file(folder: Path) -> Path:
-    return Path(folder) / "metrics.jsonl"
+run_name = layout.run_name
+check_run_name = layout.check_run_name
+run_dir = layout.run_dir
+checkpoint_file = layout.checkpoint_file
+metrics_file = layout.metrics_file
 
 
 def config_file(folder: Path) -> Path:
@@ -389,7 +369,7 @@ def load_encoders(root: Path, vocab: Vocabulary, config: Config, switches: Switc
     from cpgan.trainer.damsm import load_pretrained_encoders, model_path
 
     path = model_path(Path(root) / "models", switches.use_memory, switches.use_objects)
-    memory = (memory_path or Path(root) / "memory.h5") if switches.use_memory else None
+    memory = (memory_path or Path(root) / layout.MEMORY_NAME) if switches.use_memory else None
     text, image = load_pretrained_encoders(path, vocab, config, memory,
                                            detector if switches.use_objects else None,
                                            inception_weights, device)
@@ -424,6 +404,8 @@ class Distributed:
 
 def distributed_from_env() -> Distributed:
     """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them; absent: a single process."""
+    if not layout.under_torchrun():
+        return Distributed()
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cpgan import layout
 from cpgan.config import Config, load_config
 from cpgan.errors import CpganError
 from cpgan.model.generator import ConditioningAugmentation, Generator, GeneratorOutput, truncated_normal
@@ -39,9 +40,10 @@ from cpgan.pipeline.text import PAD_ID, UNK_ID, Vocabulary, tokenize
 
 FORMAT = 1
 KIND = "cpgan-gan"
-RUNS_DIR = "runs"
-CHECKPOINT_NAME = "checkpoint.pt"
-DEFAULT_RUN = "cpgan"
+# in cpgan.layout: the up-to-date checks read these without torch
+RUNS_DIR = layout.RUNS_DIR
+CHECKPOINT_NAME = layout.CHECKPOINT_NAME
+DEFAULT_RUN = layout.RUN_STEM
 VOCAB_NAME = "vocab.json"
 SWITCHES = ("use_memory", "use_objects", "use_fgcd")
 STATE_KEYS = ("generator", "generator_ema", "discriminators")
@@ -54,13 +56,7 @@ _CONFIG_SECTIONS = ("data", "detector", "attention", "memory", "encoder", "gan")
 # The checkpoint
 
 
-def default_checkpoint(artifacts: Path) -> Path:
-    """The most recently modified ``runs/*/checkpoint.pt`` under ``artifacts``, else
-    ``runs/cpgan/checkpoint.pt`` (the full model's run, whose absence is then reported)."""
-    found = [p for p in (Path(artifacts) / RUNS_DIR).glob(f"*/{CHECKPOINT_NAME}") if p.is_file()]
-    if found:
-        return max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)))
-    return Path(artifacts) / RUNS_DIR / DEFAULT_RUN / CHECKPOINT_NAME
+default_checkpoint = layout.default_checkpoint  # in cpgan.layout: read without torch
 
 
 @dataclass(frozen=True)
