@@ -135,6 +135,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
+RENAMED = {"gan.lr": "gan.lr_g and gan.lr_d"}
+"""Keys of earlier versions, for the error a user file that still has one gets."""
+
+
 def _coerce(value: Any, kind: Any, where: str) -> Any:
     """Check a TOML value against a dataclass field type (ints are accepted for floats)."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -152,7 +156,9 @@ def _apply(target: Any, values: dict[str, Any], source: str, prefix: str = "") -
     for key, value in values.items():
         where = f"{source}: {prefix}{key}"
         if key not in hints:
-            raise CpganError(f"{source}: unknown config key '{prefix}{key}'")
+            renamed = RENAMED.get(f"{prefix}{key}")
+            raise CpganError(f"{source}: unknown config key '{prefix}{key}'"
+                             + (f" (now {renamed})" if renamed else ""))
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):

@@ -51,3 +51,11 @@ def test_overrides_and_unknown_preset():
         load_config("toy", overrides={"memory.nope": 3})
     with pytest.raises(CpganError, match="unknown preset"):
         load_config("huge")
+
+
+def test_a_renamed_key_names_its_successors(tmp_path: Path):
+    user = tmp_path / "old.toml"
+    user.write_text("[gan]\nlr = 1e-3\n")
+    with pytest.raises(CpganError, match=r"old.toml: unknown config key 'gan.lr' \(now gan.lr_g "
+                                         r"and gan.lr_d\)"):
+        load_config("toy", user)
