@@ -17,6 +17,7 @@ from cpgan.layout import (
     CAPTIONER_NAME,
     CAPTIONER_TRAIN_SPLIT,
     CAPTIONER_VAL_SPLIT,
+    VOCAB_NAME,
     annotation_file,
     split_shards,
 )
@@ -57,7 +58,7 @@ def train_attention(run: RunContext, epochs: int | None, batch_size: int | None,
         config.epochs = epochs
     if batch_size is not None:
         config.batch_size = batch_size
-    vocab_path = run.artifacts / "vocab.json"
+    vocab_path = run.artifacts / VOCAB_NAME
     regions_dir = run.artifacts / "regions"
     target = run.artifacts / "models" / CAPTIONER_NAME
     params = {"attention": asdict(config), "max_caption_words": run.config.data.max_caption_words,
@@ -130,7 +131,7 @@ def attend_command(run: RunContext, split: str, workers: int, scheduler: str | N
     attention/grounding.json (grounding-<split>.json for val2014): how often a word naming a
     category chose a box overlapping an instance of it (IoU >= 0.5).
     """
-    vocab_path = run.artifacts / "vocab.json"
+    vocab_path = run.artifacts / VOCAB_NAME
     captioner = run.artifacts / "models" / CAPTIONER_NAME
     if not captioner.is_file():
         raise CpganError(f"{captioner}: captioner not found (run 'cpgan-prep train-attention')")

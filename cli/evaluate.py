@@ -129,7 +129,7 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
     seed = config.seed if seed is None else seed
     models_dir = root / "models"
     files = EvalFiles(root, scoring_weights or models_dir / layout.CLASSIFIER_NAME,
-                      inception_weights, detector_weights or models_dir / "detector.pt",
+                      inception_weights, detector_weights or models_dir / layout.DETECTOR_NAME,
                       run.project_path(config.detector.cfg), fid_weights, rprecision_encoders)
     split = CocoSplit.open(run.coco_root, split_name, require_instances=True)
     params = _params(checkpoint.path, split_name, num_images, batch_size, seed, config.preset,
@@ -209,8 +209,8 @@ def _report_is_current(run: RunContext, checkpoint_path: Path | None, split_name
                else inception_weights)
     if scoring is None:
         return False
-    inputs = [checkpoint, *checkpoint_files, root / "vocab.json",
-              detector_weights or models_dir / "detector.pt", Path(scoring),
+    inputs = [checkpoint, *checkpoint_files, root / layout.VOCAB_NAME,
+              detector_weights or models_dir / layout.DETECTOR_NAME, Path(scoring),
               layout.annotation_file(run.coco_root, "captions", split_name),
               layout.annotation_file(run.coco_root, "instances", split_name),
               *(path for path, _, _ in layout.damsm_variant_files(models_dir))]

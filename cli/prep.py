@@ -10,7 +10,13 @@ from pathlib import Path
 import click
 
 from cpgan.cli.common import TOY_DIRNAME, RunContext, common_options, report_errors
-from cpgan.layout import REGION_INDEX_NAME, annotation_file
+from cpgan.layout import (
+    DETECTOR_DARKNET_NAME,
+    DETECTOR_NAME,
+    REGION_INDEX_NAME,
+    VOCAB_NAME,
+    annotation_file,
+)
 from cpgan.pipeline import artifacts
 from cpgan.pipeline.cluster import default_workers
 
@@ -70,7 +76,7 @@ def vocab(run: RunContext, min_count: int | None) -> None:
         run.config.data.min_word_count = min_count
     params = {"min_count": run.config.data.min_word_count}
     captions_file = annotation_file(run.coco_root, "captions", "train2014")
-    target = run.artifacts / "vocab.json"
+    target = run.artifacts / VOCAB_NAME
     if artifacts.is_current(run.artifacts, "vocab", params=params, inputs=[captions_file]):
         click.echo(f"vocab: up to date ({target})")
         return
@@ -113,7 +119,7 @@ def train_detector_command(run: RunContext, epochs: int | None, resume: bool, de
     cfg = run.project_path(det.cfg)
     det.cfg = str(cfg)
     models = run.artifacts / "models"
-    outputs = [models / "detector.pt", models / "detector.weights"]
+    outputs = [models / DETECTOR_NAME, models / DETECTOR_DARKNET_NAME]
     inputs = [annotation_file(run.coco_root, "instances", s) for s in ("train2014", "val2014")]
     inputs.append(cfg)
     params = {"detector": asdict(det), "seed": run.config.seed, "limit": limit}
@@ -204,7 +210,7 @@ def detect_command(run: RunContext, split: str, cfg: Path | None, weights: Path 
     det = run.config.detector
     preset_cfg = run.project_path(det.cfg).resolve()
     cfg = run.project_path(cfg or det.cfg).resolve()
-    weights = Path(weights or run.artifacts / "models" / "detector.pt")
+    weights = Path(weights or run.artifacts / "models" / DETECTOR_NAME)
     if shard_size is not None:
         det.shard_size = shard_size
     if feature_layer is None and cfg == preset_cfg:

@@ -175,11 +175,11 @@ class _TrainingJob(abc.ABC):
         self.run = run
         self.root = run.artifacts
         self.memory_path = (memory_path or self.root / layout.MEMORY_NAME) if use_memory else None
-        self.detector_weights = ((detector_weights or self.root / "models" / "detector.pt")
+        self.detector_weights = ((detector_weights or self.root / "models" / layout.DETECTOR_NAME)
                                  if use_objects else None)
         self.detector_cfg = run.project_path(run.config.detector.cfg) if use_objects else None
         self.inception_weights = inception_weights
-        self.vocab_path = self.root / "vocab.json"
+        self.vocab_path = self.root / layout.VOCAB_NAME
         self._check_inputs_exist()
 
     def _check_inputs_exist(self) -> None:
@@ -392,7 +392,7 @@ class GanJob(_TrainingJob):
 
     @property
     def record(self) -> Path:
-        return self.folder / "gan.provenance.json"
+        return self.folder / layout.GAN_RECORD_NAME
 
     def is_current(self) -> bool:
         return self.encoders.is_file() and self._recorded_current()

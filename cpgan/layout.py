@@ -3,8 +3,9 @@
 A command whose stage is up to date decides so from these names before it imports torch
 (torch and torchvision take about 5 s to import). The stages' own modules, which import torch,
 h5py, pyarrow or OpenCV (``cpgan.pipeline.coco``, ``regions``, ``memory``,
-``cpgan.trainer.captioner``, ``classifier``, ``damsm``, ``gan``, ``sampling``), take the same
-names from here, so the commands and the stages cannot disagree about a file. This module
+``cpgan.trainer.captioner``, ``classifier``, ``damsm``, ``detector``, ``gan``, ``sampling``),
+take the same names from here, so the commands and the stages cannot disagree about a file.
+``cpgan.pipeline.artifacts`` builds the gan stage's record path from them too. This module
 imports the standard library and ``cpgan.errors`` only; tests/test_cli_skip.py checks that the
 owners use its objects and that an up-to-date command imports no torch.
 """
@@ -24,6 +25,14 @@ def annotation_file(root: Path, kind: str, split: str) -> Path:
     """``root/annotations/{captions,instances}_{split}.json`` of the official layout."""
     return Path(root) / "annotations" / f"{kind}_{split}.json"
 
+
+# --------------------------------------------------------------------------------------------
+# The vocabulary (cpgan.pipeline.text's file, read by every later stage) and the trained
+# detector (cpgan.trainer.detector): its state dict and the same weights in Darknet's format
+
+VOCAB_NAME = "vocab.json"
+DETECTOR_NAME = "detector.pt"
+DETECTOR_DARKNET_NAME = "detector.weights"
 
 # --------------------------------------------------------------------------------------------
 # Region shards (cpgan.pipeline.regions, cpgan.trainer.captioner) and the memory bank
@@ -105,6 +114,7 @@ RUN_STEM = "cpgan"
 RUNS_DIR = "runs"
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+GAN_RECORD_NAME = "gan.provenance.json"  # the gan stage's provenance, in the run folder
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 

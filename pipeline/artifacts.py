@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from cpgan import layout
+
 TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".lock"
 
@@ -181,7 +183,7 @@ _RECORD_PATHS = {
     "attend": "attention/{split}.provenance.json",
     "build-memory": "memory.provenance.json",
     "damsm": "models/damsm.provenance.json",
-    "gan": "runs/cpgan/gan.provenance.json",
+    "gan": f"{layout.RUNS_DIR}/{layout.RUN_STEM}/{layout.GAN_RECORD_NAME}",
     "eval": "report/report.provenance.json",
 }
 _HASH_CHUNK = 1 << 20

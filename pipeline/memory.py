@@ -68,7 +68,7 @@ if TYPE_CHECKING:  # the dask workers import this module: keep torch and OpenCV 
 MEMORY_NAME = layout.MEMORY_NAME  # in cpgan.layout: read without torch
 INDEX_NAME = "memory_index.parquet"
 PURITY_NAME = "memory_purity.json"
-VOCAB_NAME = "vocab.json"
+VOCAB_NAME = layout.VOCAB_NAME
 ATTENTION_DIR = "attention"
 REGIONS_DIR = "regions"
 

@@ -38,7 +38,9 @@ HEAVY = ("torch", "torchvision", "matplotlib", "dask", "distributed", "cv2", "py
 SINGLE_SOURCED = {
     "cpgan.pipeline.coco": {"annotation_file": "annotation_file"},
     "cpgan.pipeline.regions": {"INDEX_NAME": "REGION_INDEX_NAME"},
-    "cpgan.pipeline.memory": {"MEMORY_NAME": "MEMORY_NAME"},
+    "cpgan.pipeline.memory": {"MEMORY_NAME": "MEMORY_NAME", "VOCAB_NAME": "VOCAB_NAME"},
+    "cpgan.trainer.detector": {"MODEL_NAME": "DETECTOR_NAME",
+                               "WEIGHTS_NAME": "DETECTOR_DARKNET_NAME"},
     "cpgan.trainer.captioner": {"MODEL_NAME": "CAPTIONER_NAME",
                                 "TRAIN_SPLIT": "CAPTIONER_TRAIN_SPLIT",
                                 "VAL_SPLIT": "CAPTIONER_VAL_SPLIT", "split_shards": "split_shards"},
@@ -55,7 +57,8 @@ SINGLE_SOURCED = {
                                                   "run_dir", "checkpoint_file", "metrics_file")},
     "cpgan.trainer.sampling": {"RUNS_DIR": "RUNS_DIR", "CHECKPOINT_NAME": "CHECKPOINT_NAME",
                                "DEFAULT_RUN": "RUN_STEM",
-                               "default_checkpoint": "default_checkpoint"},
+                               "default_checkpoint": "default_checkpoint",
+                               "VOCAB_NAME": "VOCAB_NAME"},
 }
 """Per owner module: its names that are cpgan.layout's objects (owner's name -> layout's)."""
 METRICS = {"epoch": 1.0, "train_loss": 2.0, "val_loss": 1.25, "r_precision": 0.5,

@@ -40,6 +40,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from cpgan import layout
 from cpgan.config import CONFIG_DIR, DetectorConfig
 from cpgan.errors import CpganError, ItemError
 from cpgan.model.darknet import ConvLayer, Darknet, read_cfg, write_weights
@@ -58,8 +59,8 @@ from cpgan.pipeline.coco import CocoSplit
 TRAIN_SPLIT = "train2014"
 VAL_SPLIT = "val2014"
 CHECKPOINT_NAME = "detector.ckpt.pt"
-MODEL_NAME = "detector.pt"
-WEIGHTS_NAME = "detector.weights"
+MODEL_NAME = layout.DETECTOR_NAME  # in cpgan.layout: read without torch
+WEIGHTS_NAME = layout.DETECTOR_DARKNET_NAME
 MAX_DETECTIONS = 100  # COCOeval's maxDets for AP
 DEFAULT_IGNORE_THRESH = 0.5  # Darknet's default for [yolo] ignore_thresh
 FLIP_PROBABILITY = 0.5

@@ -65,7 +65,7 @@ from cpgan.model.metrics import (
 )
 from cpgan.model.text_encoder import MemoryAttendedTextEncoder
 from cpgan.pipeline.coco import CocoSplit
-from cpgan.pipeline.memory import MEMORY_NAME
+from cpgan.pipeline.memory import MEMORY_NAME, VOCAB_NAME
 from cpgan.pipeline.report import AttentionExample, Showcase
 from cpgan.pipeline.text import Vocabulary
 from cpgan.trainer.sampling import (
@@ -196,7 +196,7 @@ class EvalFiles:
         from cpgan.trainer.damsm import variant_files
 
         paths = [checkpoint.path, resolve(self.artifacts, checkpoint.encoders),
-                 self.artifacts / "vocab.json", self.detector_weights, self.detector_cfg,
+                 self.artifacts / VOCAB_NAME, self.detector_weights, self.detector_cfg,
                  scoring.weights, split.captions_file, split.instances_file]
         if checkpoint.memory:
             paths.append(resolve(self.artifacts, checkpoint.memory))
