@@ -41,11 +41,6 @@ from cpgan.errors import CpganError
 from cpgan.pipeline import artifacts
 
 STAGES = ("damsm", "gan", "all")
-# The GAN's defaults, as cpgan.trainer.gan has them (not imported here: --help stays fast
-# without torch); tests/test_train_gan.py checks that the two agree.
-DEFAULT_CHECKPOINT_EVERY = 500
-DEFAULT_SAMPLE_EVERY = 500
-DEFAULT_LOG_EVERY = 10
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -92,12 +87,12 @@ DEFAULT_LOG_EVERY = 10
               help="GAN run folder name under <artifacts>/runs/ (default: cpgan, or "
               "cpgan-no-memory-... for ablations).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1),
-              default=DEFAULT_CHECKPOINT_EVERY, show_default=True,
+              default=layout.GAN_CHECKPOINT_EVERY, show_default=True,
               help="GAN: write runs/<name>/checkpoint.pt every N steps (and at the end).")
-@click.option("--sample-every", type=click.IntRange(min=1), default=DEFAULT_SAMPLE_EVERY,
+@click.option("--sample-every", type=click.IntRange(min=1), default=layout.GAN_SAMPLE_EVERY,
               show_default=True,
               help="GAN: write a captioned sample grid of the EMA generator every N steps.")
-@click.option("--log-every", type=click.IntRange(min=1), default=DEFAULT_LOG_EVERY,
+@click.option("--log-every", type=click.IntRange(min=1), default=layout.GAN_LOG_EVERY,
               show_default=True, help="GAN: append the losses to metrics.jsonl every N steps.")
 @click.option("--val-limit", type=click.IntRange(min=2), default=None,
               help="Validate on the first N captioned val images only.")

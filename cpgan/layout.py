@@ -115,6 +115,11 @@ RUNS_DIR = "runs"
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 GAN_RECORD_NAME = "gan.provenance.json"  # the gan stage's provenance, in the run folder
+# How often a GAN run writes its checkpoint, sample grid and metrics line (steps): the
+# trainer's defaults and cpgan-train's option defaults, which --help shows without torch
+GAN_CHECKPOINT_EVERY = 500
+GAN_SAMPLE_EVERY = 500
+GAN_LOG_EVERY = 10
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from cpgan.cli import train as train_cli_module
 from cpgan.cli.train import main as train_main
 from cpgan.config import load_config
 from cpgan.errors import CpganError
@@ -319,12 +318,6 @@ def test_cli_stage_all_pretrains_missing_encoders_then_trains_the_gan(setup, tmp
     out = capsys.readouterr().out
     assert "damsm [damsm-no-memory-no-oaie]: up to date" in out
     assert "gan [cpgan-no-memory-no-oaie]: up to date" in out
-
-
-def test_cli_defaults_are_the_trainer_defaults():
-    assert train_cli_module.DEFAULT_CHECKPOINT_EVERY == gan.DEFAULT_CHECKPOINT_EVERY
-    assert train_cli_module.DEFAULT_SAMPLE_EVERY == gan.DEFAULT_SAMPLE_EVERY
-    assert train_cli_module.DEFAULT_LOG_EVERY == gan.DEFAULT_LOG_EVERY
 
 
 def _exit_code(args: list[str]) -> int:

@@ -100,9 +100,9 @@ KL_WEIGHT = 1.0               # AttnGAN's cfg.TRAIN.SMOOTH.LAMBDA on KL_loss
 STEP_STREAM = 2               # keeps the GAN's draws apart from trainer/data.py's streams
 SAMPLE_COUNT = 8              # images per sample grid
 SAMPLE_NOISE_SEED = 12345     # the grids' fixed z, so successive grids are comparable
-DEFAULT_CHECKPOINT_EVERY = 500
-DEFAULT_SAMPLE_EVERY = 500
-DEFAULT_LOG_EVERY = 10
+DEFAULT_CHECKPOINT_EVERY = layout.GAN_CHECKPOINT_EVERY  # in cpgan.layout: cpgan-train's defaults
+DEFAULT_SAMPLE_EVERY = layout.GAN_SAMPLE_EVERY
+DEFAULT_LOG_EVERY = layout.GAN_LOG_EVERY
 CHECKPOINT_KEYS = frozenset({
     "format", "kind", "config", "switches", "encoders", "memory", "vocab_size", "generator",
     "generator_ema", "discriminators", "optimizer_g", "optimizer_d", "step", "epoch",
