@@ -94,6 +94,8 @@ class EncoderConfig:
     random_crop: bool = True      # AttnGAN's random 64/76 crop in pretraining (else flips only)
     grad_clip: float = 0.25       # AttnGAN's RNN_GRAD_CLIP on the text encoder
     text_dropout: float = 0.5     # on the LSTM inputs f_i, as AttnGAN's RNN_ENCODER
+    average_decay: float = 0.0    # EMA of the encoders' weights, evaluated and published (0: none,
+                                  # as AttnGAN; trainer/averaging.py)
 
 
 @dataclass

@@ -1,4 +1,5 @@
 """DAMSM pretraining of MATE + OAIE, the encoder file and ``cpgan-train`` on a tiny toy set."""
+import copy
 import json
 from pathlib import Path
 
@@ -110,6 +111,41 @@ def test_two_epochs_straight_equal_one_plus_resume_plus_one(setup, straight):
     assert ckpt_a["epoch"] == ckpt_b["epoch"] == 2
     state_a, state_b = ckpt_a["optimizer"]["state"], ckpt_b["optimizer"]["state"]
     assert all(torch.equal(state_a[k]["exp_avg"], state_b[k]["exp_avg"]) for k in state_a)
+    assert ckpt_a["average"]["updates"] == ckpt_b["average"]["updates"] == 4  # 2 x 16 / 8
+    for part in ("text_encoder", "image_encoder"):
+        average_a, average_b = ckpt_a["average"][part], ckpt_b["average"][part]
+        assert all(torch.equal(average_a[k], average_b[k]) for k in average_a)
+
+
+def test_the_published_encoders_are_the_weight_average(setup, straight):
+    """The toy preset averages the weights: damsm.pt holds the average, not the last step's
+    weights, which the checkpoint keeps beside it for resuming."""
+    assert setup["config"].encoder.average_decay > 0
+    published = _load(straight.model)
+    checkpoint = _load(damsm.checkpoint_path(straight.model.parent))
+    for part in ("text_encoder", "image_encoder"):
+        average, live = checkpoint["average"][part], checkpoint[part]
+        assert published[part].keys() == average.keys() == live.keys()
+        assert all(torch.equal(published[part][k], average[k]) for k in average)
+        floats = [k for k in live if live[k].dtype.is_floating_point]
+        assert any(not torch.equal(average[k], live[k]) for k in floats)
+
+
+def test_without_an_average_the_last_weights_are_published(setup, tmp_path):
+    config = copy.deepcopy(setup["config"])
+    config.encoder.epochs, config.encoder.average_decay = 1, 0.0
+    run = damsm.train_damsm(setup["coco"], tmp_path, config, setup["vocab"], setup["memory"],
+                            setup["detector"], classifier_weights=setup["classifier"],
+                            progress=False, threads=1)
+    published, checkpoint = _load(run.model), _load(damsm.checkpoint_path(tmp_path))
+    assert checkpoint["average"] is None
+    for part in ("text_encoder", "image_encoder"):
+        assert all(torch.equal(published[part][k], checkpoint[part][k]) for k in checkpoint[part])
+    config.encoder.average_decay = 1.0
+    with pytest.raises(CpganError, match="average_decay"):
+        damsm.train_damsm(setup["coco"], tmp_path / "bad", config, setup["vocab"],
+                          setup["memory"], setup["detector"],
+                          classifier_weights=setup["classifier"], progress=False, threads=1)
 
 
 def test_encoder_file_is_plain_and_records_what_it_needs(setup, straight):

@@ -12,7 +12,10 @@ later judge generated images; the recipe is AttnGAN's ``pretrain_DAMSM.py``:
   classifier; Inception and the detector stay frozen), the
   gradient norm of the text encoder clipped to ``grad_clip`` (AttnGAN's RNN_GRAD_CLIP 0.25);
 * AttnGAN's learning-rate decay: x``encoder.lr_decay`` per epoch (AttnGAN 0.98) until a tenth
-  of the initial rate.
+  of the initial rate;
+* with ``encoder.average_decay`` > 0 (the toy preset; AttnGAN has none), an exponential moving
+  average of both encoders' weights (:mod:`cpgan.trainer.averaging`), updated after every
+  step: the encoders evaluated after each epoch and published are the average.
 
 After every epoch: the validation DAMSM loss on fixed (image, caption) pairs of the val split
 and R-precision with the image's global feature f against sentence vectors s (DM-GAN's 1 true vs
@@ -77,6 +80,7 @@ from cpgan.model.yolo import YoloRegionExtractor
 from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.text import Vocabulary
+from cpgan.trainer.averaging import WeightAverage
 from cpgan.trainer.data import Batch, TextImageDataset, batches, make_loader
 from cpgan.trainer.region_cache import RegionCache, cache_bytes
 
@@ -86,6 +90,7 @@ MODEL_STEM = layout.DAMSM_STEM  # in cpgan.layout: read without torch
 FORMAT = 1
 ADAM_BETAS = (0.5, 0.999)       # AttnGAN's DAMSM optimiser
 LR_FLOOR = 0.1                  # AttnGAN: lr *= decay per epoch while lr > ENCODER_LR / 10
+AVERAGE_RAMP_EPOCHS = 0.5       # the weight average's decay ramps up over about half an epoch
 ROI_SAMPLES_PER_BIN = 2         # region_features' sampling_ratio
 REGION_CACHE_LIMIT = 2 * 1024**3  # bytes a V_o cache may take (toy: 300 MB for train)
 BACKBONES = ("classifier", "toy", "inception")
@@ -234,6 +239,15 @@ def encoder_record(vocab_size: int, config: EncoderConfig, text: MemoryAttendedT
 def text_state(text: MemoryAttendedTextEncoder) -> dict[str, Tensor]:
     """MATE's state without the frozen memory (it lives in memory.h5)."""
     return {k: v.detach().to("cpu").clone() for k, v in text.state_dict().items() if k != "memory"}
+
+
+def encoder_states(text: MemoryAttendedTextEncoder,
+                   image: ObjectAwareImageEncoder) -> dict[str, dict[str, Tensor]]:
+    """Both encoders' learned states (CPU copies), as checkpoints and ``models/damsm*.pt``
+    store them: no memory, no frozen detector or Inception."""
+    return {"text_encoder": text_state(text),
+            "image_encoder": {k: v.detach().to("cpu").clone()
+                              for k, v in image.learned_state_dict().items()}}
 
 
 def load_text_state(text: MemoryAttendedTextEncoder, state: dict[str, Tensor]) -> None:
@@ -392,12 +406,25 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     failed_indices: set[int] = field(default_factory=set)
+    average: WeightAverage | None = None  # of encoders(), when encoder.average_decay > 0
+
+    def encoders(self) -> torch.nn.ModuleDict:
+        """The trained pair as one module: what the weight average follows."""
+        return torch.nn.ModuleDict({"text": self.text, "image": self.image})
+
+    def published(self) -> tuple[MemoryAttendedTextEncoder, ObjectAwareImageEncoder]:
+        """The encoders to evaluate and publish: the weight average when there is one."""
+        if self.average is None:
+            return self.text, self.image
+        return self.average.model["text"], self.average.model["image"]
 
     def to_checkpoint(self, settings: dict[str, Any]) -> dict[str, Any]:
+        average = None
+        if self.average is not None:
+            text, image = self.published()
+            average = {**encoder_states(text, image), "updates": self.average.updates}
         return {
-            "text_encoder": text_state(self.text),
-            "image_encoder": {k: v.detach().to("cpu").clone()
-                              for k, v in self.image.learned_state_dict().items()},
+            **encoder_states(self.text, self.image), "average": average,
             "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
             "history": [dict(h) for h in self.history], "rng": _rng_state(),
             "failed_ids": list(self.failed), "failed_reasons": list(self.failed.values()),
@@ -407,6 +434,11 @@ class TrainState:
     def restore(self, state: dict[str, Any]) -> None:
         load_text_state(self.text, state["text_encoder"])
         self.image.load_learned_state_dict(state["image_encoder"])
+        if self.average is not None:
+            text, image = self.published()
+            load_text_state(text, state["average"]["text_encoder"])
+            image.load_learned_state_dict(state["average"]["image_encoder"])
+            self.average.updates = int(state["average"]["updates"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
         self.history = [dict(h) for h in state["history"]]
@@ -468,6 +500,7 @@ def _train_epoch(state: TrainState, loader: Iterable[Batch], config: EncoderConf
     """One pass; returns the mean training loss over the epoch's batches."""
     state.text.train()
     state.image.train()
+    pair = state.encoders()
     total, steps, running = 0.0, 0, None
     for batch in batches(loader, state.failed, state.failed_indices):
         loss, _, _ = _loss(state.text, state.image, batch.to(device), config, regions)
@@ -475,6 +508,8 @@ def _train_epoch(state: TrainState, loader: Iterable[Batch], config: EncoderConf
         loss.backward()
         torch.nn.utils.clip_grad_norm_(state.text.parameters(), config.grad_clip)
         state.optimizer.step()
+        if state.average is not None:
+            state.average.update(pair)
         value = loss.detach().item()
         total, steps = total + value, steps + 1
         running = value if running is None else 0.9 * running + 0.1 * value
@@ -610,10 +645,11 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
     start = time.perf_counter()
     encoder = config.encoder
     if encoder.epochs < 0 or encoder.batch_size < 1 or encoder.lr <= 0 or \
-            not 0 < encoder.lr_decay <= 1:
-        raise CpganError(f"DAMSM needs epochs >= 0, batch size >= 1, lr > 0 and 0 < lr_decay "
-                         f"<= 1, got {encoder.epochs}, {encoder.batch_size}, {encoder.lr}, "
-                         f"{encoder.lr_decay}")
+            not 0 < encoder.lr_decay <= 1 or not 0 <= encoder.average_decay < 1:
+        raise CpganError(f"DAMSM needs epochs >= 0, batch size >= 1, lr > 0, 0 < lr_decay <= 1 "
+                         f"and 0 <= average_decay < 1, got {encoder.epochs}, "
+                         f"{encoder.batch_size}, {encoder.lr}, {encoder.lr_decay}, "
+                         f"{encoder.average_decay}")
     if encoder.backbone == "classifier" and classifier_weights is None:
         raise CpganError("the classifier backbone starts from the toy scoring classifier: run "
                          "'cpgan-eval fit-classifier' first (models/classifier.pt)")
@@ -628,6 +664,10 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
     parameters = [p for p in [*text.parameters(), *image.parameters()] if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=encoder.lr, betas=ADAM_BETAS)
     state = TrainState(text, image, optimizer)
+    if encoder.average_decay > 0:
+        steps_per_epoch = math.ceil(len(train_set) / encoder.batch_size)
+        state.average = WeightAverage(state.encoders(), encoder.average_decay,
+                                      max(1.0, steps_per_epoch * AVERAGE_RAMP_EPOCHS))
     settings = _settings(record, config, limit, val_limit)
     use_memory, use_objects = memory is not None, detector is not None
     checkpoint = checkpoint_path(models_dir, use_memory, use_objects)
@@ -647,8 +687,8 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
         with tqdm(total=len(loader.sampler), desc=f"{name} {epoch + 1}/{encoder.epochs}",
                   unit="img", disable=not progress, leave=False) as bar:
             train_loss = _train_epoch(state, loader, encoder, device, bar, train_regions)
-        metrics = evaluate(text, image, val_set, encoder, encoder.batch_size, config.seed,
-                           device, num_workers, val_regions)
+        metrics = evaluate(*state.published(), val_set, encoder, encoder.batch_size,
+                           config.seed, device, num_workers, val_regions)
         state.history.append({"epoch": float(epoch + 1), "train_loss": train_loss, **metrics})
         state.epoch = epoch + 1
         _save(checkpoint, state.to_checkpoint(settings))
@@ -656,11 +696,10 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
             tqdm.write(_epoch_line(name, epoch + 1, encoder.epochs, state.history[-1]))
 
     metrics = state.history[-1] if state.history else evaluate(
-        text, image, val_set, encoder, encoder.batch_size, config.seed, device, num_workers)
+        *state.published(), val_set, encoder, encoder.batch_size, config.seed, device,
+        num_workers)
     target = model_path(models_dir, use_memory, use_objects)
-    _save(target, {"format": FORMAT, "text_encoder": text_state(text),
-                   "image_encoder": {k: v.detach().to("cpu").clone()
-                                     for k, v in image.learned_state_dict().items()},
+    _save(target, {"format": FORMAT, **encoder_states(*state.published()),
                    "config": record, "metrics": dict(metrics)})
     return DamsmRun(target, encoder.epochs, len(train_set) - len(state.failed),
                     len(state.failed), time.perf_counter() - start, torch.get_num_threads(),
