@@ -236,6 +236,14 @@ def test_class_count_must_match_the_dataset(toy_root: Path, tmp_path: Path,
         _train(toy_root, tmp_path / "art", dataclasses.replace(config, cfg=str(cfg)))
 
 
+@pytest.mark.parametrize("decay", [1.0, -0.5])
+def test_a_weight_average_decay_outside_zero_one_is_refused(toy_root: Path, tmp_path: Path,
+                                                            config: DetectorConfig,
+                                                            decay: float) -> None:
+    with pytest.raises(CpganError, match="train_average_decay must lie in"):
+        _train(toy_root, tmp_path / "art", dataclasses.replace(config, train_average_decay=decay))
+
+
 def test_coco_map_scores_ground_truth_as_perfect(toy_root: Path) -> None:
     split = CocoSplit.open(toy_root, "val2014", require_instances=True)
     ids = split.image_ids()
