@@ -80,23 +80,21 @@ def main() -> None:
     backgrounds = {im["id"]: im.get("background")
                    for im in json.loads(split.instances_file.read_text())["images"]}
 
-    def false_claims(index: int, caption_id: int) -> list[str]:
-        image_id = val.image_ids[index]
-        info = split.image_info(image_id)
-        return caption_truth(texts[caption_id], split.instances(image_id),
-                             (info["width"], info["height"]), background=backgrounds[image_id])
-
     distractors = mismatched_captions(len(val), CANDIDATES - 1, args.seed)
     hits, to_true, to_false, ceiling = 0, 0, 0, []
     by_objects: dict[int, Counter] = defaultdict(Counter)
     examples = []
     for i, others in enumerate(distractors):
-        true_others = [j for j in others if not false_claims(i, caption_ids[j])]
+        image_id = val.image_ids[i]
+        info, instances = split.image_info(image_id), split.instances(image_id)
+        claims = {int(j): caption_truth(texts[caption_ids[j]], instances,
+                                        (info["width"], info["height"]),
+                                        background=backgrounds[image_id]) for j in others}
+        true_others = {j for j, false in claims.items() if not false}
         ceiling.append(1.0 / (1 + len(true_others)))
         scores = f[i] @ s[torch.as_tensor(others)].T
         winners = [int(j) for j, score in zip(others, scores) if score >= f[i] @ s[i]]
-        objects = len(split.instances(val.image_ids[i]))
-        by_objects[objects]["images"] += 1
+        by_objects[len(instances)]["images"] += 1
         if not winners:
             hits += 1
             continue
@@ -105,10 +103,10 @@ def main() -> None:
             to_true += 1
             continue
         to_false += 1
-        by_objects[objects]["false"] += 1
+        by_objects[len(instances)]["false"] += 1
         if len(examples) < args.examples:
             examples.append((texts[caption_ids[i]], texts[caption_ids[wrong[0]]],
-                             false_claims(i, caption_ids[wrong[0]])))
+                             claims[wrong[0]]))
     n = len(val)
     print(f"{n} val images: R-precision {hits / n:.3f}; missed to a true caption "
           f"{to_true / n:.3f}, to a false one {to_false / n:.3f}; oracle ceiling "

@@ -182,7 +182,7 @@ _RECORD_PATHS = {
     "train-attention": "models/captioner.provenance.json",
     "attend": "attention/{split}.provenance.json",
     "build-memory": "memory.provenance.json",
-    "damsm": "models/damsm.provenance.json",
+    "damsm": layout.damsm_record(layout.damsm_path(Path("models"))).as_posix(),
     "gan": f"{layout.RUNS_DIR}/{layout.RUN_STEM}/{layout.GAN_RECORD_NAME}",
     "eval": "report/report.provenance.json",
 }

@@ -11,9 +11,8 @@ What it buys differs by stage. Over a long run (the paper preset) the average is
 model than the last iterate at no training cost. In the toy detector's few epochs the weights
 improve faster than an average can follow (a 5-epoch toy run with decay 0.995 scored 0.64
 mAP@0.5 where the last weights of comparable runs scored 0.75-0.78), so configs/toy.toml
-leaves it off there; in the toy
-DAMSM, whose last epochs change little, it lifts val R-precision by a few thousandths on every
-seed tried (configs/toy.toml, RESULTS.md).
+leaves it off there; in the toy DAMSM, whose last epochs change little, it lifts val
+R-precision by a few thousandths on every seed tried (configs/toy.toml, RESULTS.md).
 """
 from __future__ import annotations
 

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from cpgan.errors import CpganError
+from cpgan.layout import MEMORY_NAME, VOCAB_NAME
 from cpgan.model.darknet import Darknet
 from cpgan.model.generator import Generator
 from cpgan.model.image_encoder import ObjectAwareImageEncoder
@@ -65,7 +66,6 @@ from cpgan.model.metrics import (
 )
 from cpgan.model.text_encoder import MemoryAttendedTextEncoder
 from cpgan.pipeline.coco import CocoSplit
-from cpgan.pipeline.memory import MEMORY_NAME, VOCAB_NAME
 from cpgan.pipeline.report import AttentionExample, Showcase
 from cpgan.pipeline.text import Vocabulary
 from cpgan.trainer.sampling import (
