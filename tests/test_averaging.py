@@ -46,3 +46,22 @@ def test_the_average_is_a_copy_not_the_model():
 def test_a_decay_outside_zero_one_or_no_ramp_is_refused(decay, ramp):
     with pytest.raises(ValueError, match="decay"):
         WeightAverage(_model(), decay, ramp)
+
+
+def test_entries_not_followed_keep_the_copy_s_values():
+    model = _model()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    average = WeightAverage(model, decay=0.5, ramp=1.0, follow={"0.weight", "0.bias"})
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    average.update(model)
+    state = average.model.state_dict()
+    assert not torch.equal(state["0.weight"], start["0.weight"])
+    torch.testing.assert_close(state["1.weight"], start["1.weight"], rtol=0, atol=0)
+    assert average.follow == ["0.weight", "0.bias"]
+
+
+def test_following_an_entry_the_model_lacks_is_refused():
+    with pytest.raises(ValueError, match="no such state entries"):
+        WeightAverage(_model(), 0.5, 1.0, follow={"0.weight", "2.weight"})

@@ -131,6 +131,19 @@ def test_the_published_encoders_are_the_weight_average(setup, straight):
         assert any(not torch.equal(average[k], live[k]) for k in floats)
 
 
+def test_the_average_follows_only_what_training_changes(setup):
+    """The memory and the frozen detector are constant: the average skips them, and they stay
+    exactly the live encoders' own."""
+    config = setup["config"].encoder
+    text = damsm.build_text_encoder(len(setup["vocab"]), config, setup["memory"])
+    extractor = damsm.build_region_extractor(setup["detector"], load_config("toy").detector)
+    image = damsm.build_image_encoder(config, extractor)
+    keys = damsm.TrainState(text, image, torch.optim.SGD(text.parameters(), lr=0.1)).learned_keys()
+    assert "text.memory" not in keys and not any(k.startswith("image.detector.") for k in keys)
+    assert {"image.project_global.weight", "image.backbone.top.0.weight"} <= keys
+    assert any(k.startswith("text.") for k in keys)
+
+
 def test_without_an_average_the_last_weights_are_published(setup, tmp_path):
     config = copy.deepcopy(setup["config"])
     config.encoder.epochs, config.encoder.average_decay = 1, 0.0

@@ -412,6 +412,13 @@ class TrainState:
         """The trained pair as one module: what the weight average follows."""
         return torch.nn.ModuleDict({"text": self.text, "image": self.image})
 
+    def learned_keys(self) -> set[str]:
+        """The entries of :meth:`encoders`' state that training changes: no memory, no frozen
+        detector or Inception (what :func:`encoder_states` stores)."""
+        states = encoder_states(self.text, self.image)
+        return ({f"text.{k}" for k in states["text_encoder"]}
+                | {f"image.{k}" for k in states["image_encoder"]})
+
     def published(self) -> tuple[MemoryAttendedTextEncoder, ObjectAwareImageEncoder]:
         """The encoders to evaluate and publish: the weight average when there is one."""
         if self.average is None:
@@ -667,7 +674,8 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
     if encoder.average_decay > 0:
         steps_per_epoch = math.ceil(len(train_set) / encoder.batch_size)
         state.average = WeightAverage(state.encoders(), encoder.average_decay,
-                                      max(1.0, steps_per_epoch * AVERAGE_RAMP_EPOCHS))
+                                      max(1.0, steps_per_epoch * AVERAGE_RAMP_EPOCHS),
+                                      follow=state.learned_keys())
     settings = _settings(record, config, limit, val_limit)
     use_memory, use_objects = memory is not None, detector is not None
     checkpoint = checkpoint_path(models_dir, use_memory, use_objects)
