@@ -16,6 +16,7 @@ from cpgan.model.darknet import Darknet, write_weights
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.toy import generate_toy_coco
 from cpgan.trainer import damsm
+from cpgan.trainer.averaging import WeightAverage
 from cpgan.trainer.data import TextImageDataset, collate
 
 from builders import (CFG, random_detector, random_memory, toy_vocabulary, write_classifier_file,
@@ -131,17 +132,30 @@ def test_the_published_encoders_are_the_weight_average(setup, straight):
         assert any(not torch.equal(average[k], live[k]) for k in floats)
 
 
-def test_the_average_follows_only_what_training_changes(setup):
-    """The memory and the frozen detector are constant: the average skips them, and they stay
-    exactly the live encoders' own."""
-    config = setup["config"].encoder
-    text = damsm.build_text_encoder(len(setup["vocab"]), config, setup["memory"])
-    extractor = damsm.build_region_extractor(setup["detector"], load_config("toy").detector)
-    image = damsm.build_image_encoder(config, extractor)
-    keys = damsm.TrainState(text, image, torch.optim.SGD(text.parameters(), lr=0.1)).learned_keys()
-    assert "text.memory" not in keys and not any(k.startswith("image.detector.") for k in keys)
-    assert {"image.project_global.weight", "image.backbone.top.0.weight"} <= keys
-    assert any(k.startswith("text.") for k in keys)
+def test_the_trainer_s_average_follows_only_what_training_changes(setup, tmp_path,
+                                                                  monkeypatch):
+    """The memory and the frozen detector are constant: the trainer's average skips them, and
+    they stay exactly the live encoders' own."""
+    made = []
+
+    class Recording(WeightAverage):
+        def __init__(self, model, *args, **kwargs):
+            super().__init__(model, *args, **kwargs)
+            made.append((self, model))
+
+    monkeypatch.setattr(damsm, "WeightAverage", Recording)
+    _train(setup, tmp_path / "recorded", epochs=1)
+    (average, live), = made
+    followed = set(average.follow)
+    assert "text.memory" not in followed
+    assert not any(k.startswith("image.detector.") for k in followed)
+    assert {"image.project_global.weight", "image.backbone.top.0.weight"} <= followed
+    assert any(k.startswith("text.") for k in followed)
+    mine, theirs = average.model.state_dict(), live.state_dict()
+    frozen = [k for k in theirs if k not in followed]
+    assert frozen and all(torch.equal(mine[k], theirs[k]) for k in frozen)
+    assert any(not torch.equal(mine[k], theirs[k]) for k in followed
+               if mine[k].is_floating_point())
 
 
 def test_without_an_average_the_last_weights_are_published(setup, tmp_path):
