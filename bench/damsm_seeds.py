@@ -26,8 +26,11 @@ from pathlib import Path
 
 import torch
 
+from cpgan import layout
+
 ROOT = Path(__file__).resolve().parent.parent
-INPUTS = ("vocab.json", "memory.h5", "models/detector.pt", "models/classifier.pt")
+INPUTS = (layout.VOCAB_NAME, layout.MEMORY_NAME, f"models/{layout.DETECTOR_NAME}",
+          f"models/{layout.CLASSIFIER_NAME}")
 
 
 def seed_config(workdir: Path, seed: int, extra: Path | None) -> Path:
@@ -45,7 +48,7 @@ def seed_config(workdir: Path, seed: int, extra: Path | None) -> Path:
 
 def train(artifacts: Path, folder: Path, config: Path, no_memory: bool) -> dict:
     """One DAMSM run in ``folder``; returns the published file's metrics."""
-    model = folder / "models" / ("damsm-no-memory.pt" if no_memory else "damsm.pt")
+    model = layout.damsm_path(folder / "models", use_memory=not no_memory)
     if not model.exists():
         for name in INPUTS:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
