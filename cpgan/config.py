@@ -96,6 +96,8 @@ class EncoderConfig:
     text_dropout: float = 0.5     # on the LSTM inputs f_i, as AttnGAN's RNN_ENCODER
     average_decay: float = 0.0    # EMA of the encoders' weights, evaluated and published (0: none,
                                   # as AttnGAN; trainer/averaging.py)
+    captions_per_image: int = 1   # captions of each image in a pretraining batch, all positives
+                                  # (1: AttnGAN; model/losses.py)
 
 
 @dataclass

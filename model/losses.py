@@ -25,6 +25,11 @@ Choices, where the paper and AttnGAN's code differ:
   are excluded from the Eq. 17 softmax.
 * ``class_ids`` (AttnGAN, for CUB) removes non-matching pairs of the same class from the
   softmax denominators; COCO has no classes and passes None.
+* ``captions_per_image`` K > 1 (ours, for pretraining): every image comes with K of its
+  captions, all positives. The loss is Eq. 20-25 over the K * B (image, caption) pairs, with an
+  image's other captions left out of each denominator the way ``class_ids`` leaves out a
+  class, so no true caption is ever a negative. The word-level scores are computed once per
+  distinct (image, caption) pair, [B, K * B], not for the K * B repeated images.
 """
 from __future__ import annotations
 
@@ -102,9 +107,11 @@ def sentence_scores(sentence: Tensor, global_feature: Tensor) -> Tensor:
 def damsm_scores(
     words: Tensor, lengths_or_mask: Tensor, sentence: Tensor, regions: Tensor,
     global_feature: Tensor, gamma1: float, gamma2: float, region_mask: Tensor | None = None,
+    captions_per_image: int = 1,
 ) -> DamsmScores:
-    """Both image-caption score matrices of a batch (also the inputs of R-precision)."""
-    _check_shapes(words, sentence, regions, global_feature, region_mask)
+    """Both image-caption score matrices of a batch (also the inputs of R-precision):
+    ``[B_img, K * B_img]`` for K captions per image."""
+    _check_shapes(words, sentence, regions, global_feature, region_mask, captions_per_image)
     mask = word_mask(lengths_or_mask.to(words.device), words.shape[2])
     if mask.shape[0] != words.shape[0]:
         raise ValueError(f"{mask.shape[0]} caption lengths for a batch of {words.shape[0]}")
@@ -140,17 +147,27 @@ def damsm_loss(
     class_ids: Tensor | None = None,
     region_mask: Tensor | None = None,
     reduction: Literal["mean", "sum"] = "mean",
+    captions_per_image: int = 1,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L_DAMSM = L^w + L^s (Eq. 25) on a batch of matching (image, caption) pairs.
 
     ``words`` W ``[B, d, T]`` with ``lengths_or_mask`` (lengths ``[B]`` or a ``[B, T]`` mask),
     ``sentence`` s ``[B, d]``, ``regions`` V ``[B, d, R]``, ``global_feature`` f ``[B, d]``.
-    ``parts`` holds the word and sentence losses, each direction, and the score matrices.
+    With ``captions_per_image`` K the caption tensors hold K * B rows, row ``k * B + i`` the
+    k-th caption of image i (see the module docstring). ``parts`` holds the word and sentence
+    losses, each direction, and the score matrices (``[B, K * B]``).
     """
     scores = damsm_scores(words, lengths_or_mask, sentence, regions, global_feature,
-                          gamma1, gamma2, region_mask)
-    word_d, word_i = matching_loss(scores.word, gamma3, class_ids, reduction)
-    sent_d, sent_i = matching_loss(scores.sentence, gamma3, class_ids, reduction)
+                          gamma1, gamma2, region_mask, captions_per_image)
+    if captions_per_image > 1:
+        images = regions.shape[0]
+        if class_ids is None:
+            class_ids = torch.arange(images, device=regions.device)
+        class_ids = class_ids.repeat(captions_per_image)
+    word_d, word_i = matching_loss(scores.word.repeat(captions_per_image, 1), gamma3,
+                                   class_ids, reduction)
+    sent_d, sent_i = matching_loss(scores.sentence.repeat(captions_per_image, 1), gamma3,
+                                   class_ids, reduction)
     word_loss, sentence_loss = word_d + word_i, sent_d + sent_i              # Eq. 21, 24
     parts = {
         "word": word_loss, "sentence": sentence_loss,
@@ -162,13 +179,21 @@ def damsm_loss(
 
 
 def _check_shapes(words: Tensor, sentence: Tensor, regions: Tensor, global_feature: Tensor,
-                  region_mask: Tensor | None) -> None:
+                  region_mask: Tensor | None, captions_per_image: int = 1) -> None:
     if words.dim() != 3 or regions.dim() != 3 or sentence.dim() != 2 or global_feature.dim() != 2:
         raise ValueError("expected W [B, d, T], s [B, d], V [B, d, R], f [B, d]; got "
                          f"{tuple(words.shape)}, {tuple(sentence.shape)}, "
                          f"{tuple(regions.shape)}, {tuple(global_feature.shape)}")
-    batch, dim = words.shape[:2]
-    for name, tensor in (("s", sentence), ("V", regions), ("f", global_feature)):
+    if captions_per_image < 1:
+        raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
+    captions, dim = words.shape[:2]
+    batch = regions.shape[0]
+    if captions != captions_per_image * batch:
+        raise ValueError(f"W {tuple(words.shape)} does not hold {captions_per_image} "
+                         f"caption(s) for each of the {batch} images of V {tuple(regions.shape)}")
+    if sentence.shape != (captions, dim):
+        raise ValueError(f"s {tuple(sentence.shape)} does not match W {tuple(words.shape)}")
+    for name, tensor in (("V", regions), ("f", global_feature)):
         if tensor.shape[:2] != (batch, dim):
             raise ValueError(f"{name} {tuple(tensor.shape)} does not match W {tuple(words.shape)}")
     if region_mask is None:

@@ -169,3 +169,33 @@ def test_bad_inputs_are_refused() -> None:
         damsm_loss(words, torch.tensor([3, 1]), s, torch.randn(2, 5, 5), f, G1, G2, G3)
     with pytest.raises(ValueError, match="caption lengths"):
         damsm_loss(words, torch.tensor([3, 1, 2]), s, v, f, G1, G2, G3)
+
+
+def _multi_caption_batch(images: int, per_image: int) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(5)
+    captions = images * per_image
+    return (torch.randn(captions, 4, 5), torch.randint(1, 6, (captions,)),
+            torch.randn(captions, 4), torch.randn(images, 4, 6), torch.randn(images, 4))
+
+
+def test_several_captions_per_image_match_repeated_images_with_own_captions_masked() -> None:
+    """K captions per image: the loss over the K * B pairs, each image's other captions out of
+    the denominators. Reference: every image repeated once per caption, with class masking."""
+    words, lengths, sentences, regions, globals_ = _multi_caption_batch(3, 2)
+    loss, parts = damsm_loss(words, lengths, sentences, regions, globals_, G1, G2, G3,
+                             captions_per_image=2)
+    repeated = (words, lengths, sentences, regions.repeat(2, 1, 1), globals_.repeat(2, 1))
+    reference, _ = damsm_loss(*repeated, G1, G2, G3, class_ids=torch.arange(3).repeat(2))
+    unmasked, _ = damsm_loss(*repeated, G1, G2, G3)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert unmasked.item() > reference.item() + 0.1  # a true caption counted as a negative
+    assert parts["word_scores"].shape == (3, 6)
+
+
+def test_captions_per_image_checks_the_layout() -> None:
+    words, lengths, sentences, regions, globals_ = _multi_caption_batch(3, 2)
+    with pytest.raises(ValueError, match="does not hold 2 caption"):
+        damsm_loss(words[:5], lengths[:5], sentences[:5], regions, globals_, G1, G2, G3,
+                   captions_per_image=2)
+    with pytest.raises(ValueError, match="captions_per_image must be >= 1"):
+        damsm_loss(words, lengths, sentences, regions, globals_, G1, G2, G3, captions_per_image=0)

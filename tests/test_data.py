@@ -188,3 +188,23 @@ def test_epoch_order_and_items_do_not_depend_on_workers(split, vocab):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     other = list(make_loader(dataset, 6, epoch=3).sampler)
     assert sorted(other) == list(range(6)) and other != list(make_loader(dataset, 6, epoch=2).sampler)
+
+
+def test_other_captions_are_the_image_s_others_drawn_per_epoch(split, vocab):
+    dataset = _dataset(split, vocab, augment=True, seed=1)
+    index = next(i for i in range(len(dataset)) if len(dataset.captions[i]) >= 3)
+    own_id, own = dataset.captions[index][0]
+    others = [ids for cid, ids in dataset.captions[index] if cid != own_id]
+    draws = []
+    for epoch in range(4):
+        dataset.epoch = epoch
+        drawn = dataset.other_captions(index, own_id, len(others))
+        assert sorted(drawn) == sorted(others)  # each other caption once, never its own
+        assert dataset.other_captions(index, own_id, len(others)) == drawn  # a pure function
+        draws.append(drawn)
+    assert any(d != draws[0] for d in draws[1:])  # the order is drawn per epoch
+    more = dataset.other_captions(index, own_id, len(others) + 2)
+    assert more[:len(others)] == draws[-1] and more[len(others):] == draws[-1][:2]
+    lone = _dataset(split, vocab, augment=True, seed=1)
+    lone.captions[index] = [(own_id, own)]
+    assert lone.other_captions(index, own_id, 2) == [own, own]

@@ -359,3 +359,39 @@ def _check_variant_rows(models: Path) -> None:
         assert "error" in broken and str(model) in broken["error"]
     finally:
         model.write_bytes(saved)
+
+
+def test_several_captions_per_image_reach_the_loss(setup, tmp_path, monkeypatch):
+    """``encoder.captions_per_image`` K: every training step scores K captions of each image
+    (the batch's own first), and evaluation keeps one caption per image."""
+    seen = []
+    real_loss = damsm.damsm_loss
+
+    def recording(words, lengths, *args, captions_per_image=1, **kwargs):
+        seen.append((words.shape[0], args[2].shape[0], captions_per_image, lengths.clone()))
+        return real_loss(words, lengths, *args, captions_per_image=captions_per_image, **kwargs)
+
+    monkeypatch.setattr(damsm, "damsm_loss", recording)
+    monkeypatch.setattr(setup["config"].encoder, "captions_per_image", 3)
+    run = _train(setup, tmp_path / "three", epochs=1)
+    training = [s for s in seen if s[2] == 3]
+    assert len(training) == 2  # 16 train images, batches of 8
+    assert all(captions == 3 * images for captions, images, _, _ in training)
+    assert all(k == 1 and captions == images for captions, images, k, _ in seen if k != 3)
+    assert run.history[0]["r_precision"] > 0
+
+
+def test_other_captions_follow_the_batch_in_the_loss_s_layout(setup):
+    config = setup["config"]
+    dataset = TextImageDataset(CocoSplit.open(setup["coco"], "train2014"), setup["vocab"],
+                               config.data.max_caption_words, [64], augment=True)
+    batch = collate([dataset[i] for i in range(5)])
+    captions, lengths = damsm.with_other_captions(batch, dataset, 3)
+    assert captions.shape == (15, batch.captions.shape[1]) and lengths.shape == (15,)
+    assert torch.equal(captions[:5], batch.captions) and torch.equal(lengths[:5], batch.lengths)
+    for k in (1, 2):
+        for i, (index, caption_id) in enumerate(zip(batch.indices, batch.caption_ids)):
+            ids = captions[k * 5 + i, :lengths[k * 5 + i]].tolist()
+            options = {cid: c for cid, c in dataset.captions[int(index)]}
+            assert ids in [c for cid, c in options.items() if cid != int(caption_id)]
+            assert captions[k * 5 + i, lengths[k * 5 + i]:].eq(0).all()  # <pad> after the words

@@ -6,7 +6,11 @@ later judge generated images; the recipe is AttnGAN's ``pretrain_DAMSM.py``:
 
 * each step: a batch of real images with one caption each (:mod:`cpgan.trainer.data`, AttnGAN's
   augmentation; ``encoder.random_crop = false`` keeps only its flip), W and s from MATE, V
-  and f from OAIE, L = L^w + L^s (Eq. 25), both directions;
+  and f from OAIE, L = L^w + L^s (Eq. 25), both directions. With ``encoder.captions_per_image``
+  K > 1 (the toy preset; AttnGAN has 1) each image brings K - 1 more of its own captions
+  (:func:`with_other_captions`), all positives, none a negative of its own image
+  (``damsm_loss(captions_per_image=K)``): the text side sees K times the captions per step for
+  the same image work;
 * Adam with betas (0.5, 0.999) on every trainable parameter (MATE, the projections M_o, M_e and
   the global map, and the toy preset's backbone, which starts from the fitted scoring
   classifier; Inception and the detector stay frozen), the
@@ -81,7 +85,7 @@ from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.text import Vocabulary
 from cpgan.trainer.averaging import WeightAverage
-from cpgan.trainer.data import Batch, TextImageDataset, batches, make_loader
+from cpgan.trainer.data import Batch, TextImageDataset, batches, make_loader, pad_caption
 from cpgan.trainer.region_cache import RegionCache, cache_bytes
 
 TRAIN_SPLIT = "train2014"
@@ -486,31 +490,56 @@ def epoch_lr(base_lr: float, epoch: int, decay: float = 0.98) -> float:
 # One epoch, and evaluation
 
 
+def with_other_captions(batch: Batch, dataset: TextImageDataset,
+                        count: int) -> tuple[Tensor, Tensor]:
+    """The batch's captions followed by ``count - 1`` more of each of its images
+    (:meth:`TextImageDataset.other_captions`): ``[count * B, T]`` ids and ``[count * B]``
+    lengths, row ``k * B + i`` the k-th caption of image i, the layout of
+    ``damsm_loss(captions_per_image=count)``."""
+    extra = [dataset.other_captions(int(index), int(caption_id), count - 1)
+             for index, caption_id in zip(batch.indices, batch.caption_ids)]
+    rows, lengths = [batch.captions], [batch.lengths]
+    for k in range(count - 1):
+        ids = [captions[k] for captions in extra]
+        rows.append(torch.stack([pad_caption(i, dataset.max_words) for i in ids]))
+        lengths.append(torch.tensor([len(i) for i in ids]))
+    device = batch.captions.device
+    return torch.cat([r.to(device) for r in rows]), torch.cat([n.to(device) for n in lengths])
+
+
 def _loss(text: MemoryAttendedTextEncoder, image: ObjectAwareImageEncoder, batch: Batch,
-          config: EncoderConfig,
-          regions: RegionCache | None = None) -> tuple[Tensor, Tensor, Tensor]:
+          config: EncoderConfig, regions: RegionCache | None = None,
+          captions: TextImageDataset | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """L^w + L^s (Eq. 25) of a batch, with f and s for R-precision; V_o's detections come from
-    ``regions`` when it holds the batch's views."""
-    words, sentence = text(batch.captions, batch.lengths)
+    ``regions`` when it holds the batch's views. With ``captions`` (the training set) each
+    image brings ``config.captions_per_image`` of its captions, all positives."""
+    per_image = config.captions_per_image if captions is not None else 1
+    if per_image > 1:
+        caption_ids, lengths = with_other_captions(batch, captions, per_image)
+    else:
+        caption_ids, lengths = batch.captions, batch.lengths
+    words, sentence = text(caption_ids, lengths)
     images = batch.images[-1]
     detections = (regions.lookup(batch.indices, batch.flipped, images.device)
                   if regions is not None else None)
     encoded = image(images, detections)
-    loss, _ = damsm_loss(words, batch.lengths, sentence, encoded.regions, encoded.global_feature,
+    loss, _ = damsm_loss(words, lengths, sentence, encoded.regions, encoded.global_feature,
                          config.gamma1, config.gamma2, config.gamma3,
-                         region_mask=encoded.region_mask)
-    return loss, encoded.global_feature, sentence
+                         region_mask=encoded.region_mask, captions_per_image=per_image)
+    return loss, encoded.global_feature, sentence[:len(batch)]
 
 
 def _train_epoch(state: TrainState, loader: Iterable[Batch], config: EncoderConfig,
-                 device: str, bar: tqdm, regions: RegionCache | None = None) -> float:
-    """One pass; returns the mean training loss over the epoch's batches."""
+                 device: str, bar: tqdm, regions: RegionCache | None = None,
+                 captions: TextImageDataset | None = None) -> float:
+    """One pass; returns the mean training loss over the epoch's batches. ``captions`` is the
+    training set, where the extra captions of ``config.captions_per_image`` come from."""
     state.text.train()
     state.image.train()
     pair = state.encoders()
     total, steps, running = 0.0, 0, None
     for batch in batches(loader, state.failed, state.failed_indices):
-        loss, _, _ = _loss(state.text, state.image, batch.to(device), config, regions)
+        loss, _, _ = _loss(state.text, state.image, batch.to(device), config, regions, captions)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(state.text.parameters(), config.grad_clip)
@@ -652,11 +681,13 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
     start = time.perf_counter()
     encoder = config.encoder
     if encoder.epochs < 0 or encoder.batch_size < 1 or encoder.lr <= 0 or \
-            not 0 < encoder.lr_decay <= 1 or not 0 <= encoder.average_decay < 1:
-        raise CpganError(f"DAMSM needs epochs >= 0, batch size >= 1, lr > 0, 0 < lr_decay <= 1 "
-                         f"and 0 <= average_decay < 1, got {encoder.epochs}, "
-                         f"{encoder.batch_size}, {encoder.lr}, {encoder.lr_decay}, "
-                         f"{encoder.average_decay}")
+            not 0 < encoder.lr_decay <= 1 or not 0 <= encoder.average_decay < 1 or \
+            encoder.captions_per_image < 1:
+        raise CpganError(f"DAMSM needs epochs >= 0, batch size >= 1, lr > 0, 0 < lr_decay <= 1, "
+                         f"0 <= average_decay < 1 and captions_per_image >= 1, got "
+                         f"{encoder.epochs}, {encoder.batch_size}, {encoder.lr}, "
+                         f"{encoder.lr_decay}, {encoder.average_decay}, "
+                         f"{encoder.captions_per_image}")
     if encoder.backbone == "classifier" and classifier_weights is None:
         raise CpganError("the classifier backbone starts from the toy scoring classifier: run "
                          "'cpgan-eval fit-classifier' first (models/classifier.pt)")
@@ -694,7 +725,8 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
                              num_workers=num_workers, exclude=state.failed_indices)
         with tqdm(total=len(loader.sampler), desc=f"{name} {epoch + 1}/{encoder.epochs}",
                   unit="img", disable=not progress, leave=False) as bar:
-            train_loss = _train_epoch(state, loader, encoder, device, bar, train_regions)
+            train_loss = _train_epoch(state, loader, encoder, device, bar, train_regions,
+                                      train_set)
         metrics = evaluate(*state.published(), val_set, encoder, encoder.batch_size,
                            config.seed, device, num_workers, val_regions)
         state.history.append({"epoch": float(epoch + 1), "train_loss": train_loss, **metrics})

@@ -50,6 +50,7 @@ from cpgan.pipeline.text import PAD_ID, Vocabulary
 RESIZE_NUMERATOR, RESIZE_DENOMINATOR = 76, 64  # AttnGAN: Scale(int(imsize * 76 / 64))
 FLIP_PROBABILITY = 0.5
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep the epochs' draws and the evaluation draws apart
+OTHER_CAPTIONS_STREAM = 3         # the extra captions of DAMSM pretraining (2: trainer/gan.py)
 
 
 def multi_resolution_sizes(base_size: int, stages: int) -> tuple[int, ...]:
@@ -240,6 +241,16 @@ class TextImageDataset(Dataset):
                                  lambda image: [augment_image(image, largest, rng, self.crop)])[0]
         return self._samples(index, caption_id, ids,
                              lambda image: [(eval_image(image, largest), False)])[0]
+
+    def other_captions(self, index: int, caption_id: int, count: int) -> list[list[int]]:
+        """``count`` more captions (token ids) of image ``index`` besides ``caption_id``: its
+        other captions in an order drawn per ``(seed, epoch, index)`` like every training draw,
+        repeated when it has fewer than ``count`` (its own caption when it has no other)."""
+        options = self.captions[index]
+        others = [ids for cid, ids in options if cid != caption_id] or [ids for _, ids in options]
+        rng = np.random.default_rng([self.seed, OTHER_CAPTIONS_STREAM, self.epoch, index])
+        order = rng.permutation(len(others))
+        return [others[order[k % len(others)]] for k in range(count)]
 
     def fixed_views(self, index: int, flips: Sequence[bool]) -> list[Sample]:
         """Image ``index`` decoded once, as :func:`eval_image`'s view mirrored or not per entry
