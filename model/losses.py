@@ -154,8 +154,9 @@ def damsm_loss(
     ``words`` W ``[B, d, T]`` with ``lengths_or_mask`` (lengths ``[B]`` or a ``[B, T]`` mask),
     ``sentence`` s ``[B, d]``, ``regions`` V ``[B, d, R]``, ``global_feature`` f ``[B, d]``.
     With ``captions_per_image`` K the caption tensors hold K * B rows, row ``k * B + i`` the
-    k-th caption of image i (see the module docstring). ``parts`` holds the word and sentence
-    losses, each direction, and the score matrices (``[B, K * B]``).
+    k-th caption of image i (see the module docstring), and ``class_ids`` stays one per image.
+    ``parts`` holds the word and sentence losses, each direction, and the score matrices
+    (``[B, K * B]``).
     """
     scores = damsm_scores(words, lengths_or_mask, sentence, regions, global_feature,
                           gamma1, gamma2, region_mask, captions_per_image)

@@ -515,10 +515,10 @@ def _loss(text: MemoryAttendedTextEncoder, image: ObjectAwareImageEncoder, batch
     image brings ``config.captions_per_image`` of its captions, all positives."""
     per_image = config.captions_per_image if captions is not None else 1
     if per_image > 1:
-        caption_ids, lengths = with_other_captions(batch, captions, per_image)
+        tokens, lengths = with_other_captions(batch, captions, per_image)
     else:
-        caption_ids, lengths = batch.captions, batch.lengths
-    words, sentence = text(caption_ids, lengths)
+        tokens, lengths = batch.captions, batch.lengths
+    words, sentence = text(tokens, lengths)
     images = batch.images[-1]
     detections = (regions.lookup(batch.indices, batch.flipped, images.device)
                   if regions is not None else None)
