@@ -112,6 +112,8 @@ class GanConfig:
     z_dim: int = 100
     condition_dim: int = 100
     fgcd_patches: int = 4
+    d_norm: str = "batch"         # the discriminators' normalisation: "batch" (AttnGAN, the
+                                  # paper) or "spectral" (no BN, spectral norm; ours)
     batch_size: int = 72
     epochs: int = 600
     lr_g: float = 2e-4            # generator's Adam; the paper uses 2e-4 for both networks

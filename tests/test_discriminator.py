@@ -157,3 +157,24 @@ def test_discriminator_shapes_at_paper_size() -> None:
     for stage in logits:
         assert stage.unconditional.shape == stage.conditional.shape == (1,)
         assert stage.attention.shape == (1, 18, 4, 4)
+
+
+def test_spectral_norm_replaces_every_batch_norm_and_normalises_each_layer_once() -> None:
+    from torch.nn.utils import parametrize
+
+    from cpgan.model.discriminator import spectral_norm_without_batch_norm
+
+    torch.manual_seed(0)
+    discriminators = spectral_norm_without_batch_norm(Discriminators(2, DF, 16, TEXT, 2))
+    modules = list(discriminators.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in modules)
+    layers = [m for m in modules if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert layers and all(parametrize.is_parametrized(m, "weight") for m in layers)
+    assert all(len(m.parametrizations.weight) == 1 for m in layers)  # shared trunk: once
+    stage = discriminators[1]
+    assert stage.unconditional.trunk is stage.conditional.trunk
+    conv = stage.unconditional.trunk.layers[1][0]
+    with torch.no_grad():
+        conv.parametrizations.weight.original.mul_(5.0)  # the layer still computes W / sigma(W)
+    norm = torch.linalg.matrix_norm(conv.weight.flatten(1), ord=2).item()
+    assert norm == pytest.approx(1.0, rel=0.1)

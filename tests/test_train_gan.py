@@ -326,3 +326,38 @@ def _exit_code(args: list[str]) -> int:
     except SystemExit as exc:
         return exc.code or 0
     return 0
+
+
+def test_spectral_norm_discriminators_train_and_resume_exactly(setup):
+    """``gan.d_norm = "spectral"``: no BN in D, and the spectral norm's power-iteration state
+    is part of the checkpoint, so a run stopped after one epoch and resumed equals one run."""
+    config = copy.deepcopy(setup["config"])
+    config.gan.d_norm = "spectral"
+    straight = _train(setup, name="spectral", config=config)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d)
+                   for m in gan.build_discriminators(config, use_fgcd=False).modules())
+    config.gan.epochs = 1
+    _train(setup, name="spectral-resumed", config=config)
+    config.gan.epochs = 2
+    resumed = _train(setup, name="spectral-resumed", config=config, resume=True)
+    assert resumed.steps_trained == 3 and resumed.steps == 6
+    a, b = _load(straight.checkpoint), _load(resumed.checkpoint)
+    assert any("parametrizations" in k for k in a["discriminators"])
+    for part in ("generator", "discriminators"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    config.gan.d_norm = "layer"
+    with pytest.raises(CpganError, match="gan.d_norm is 'layer'"):
+        gan.build_discriminators(config)
+
+
+def test_a_key_the_checkpoint_predates_counts_as_its_default(setup):
+    """A checkpoint written before ``gan.d_norm`` existed resumes under the default ("batch",
+    what it was trained with) and is refused under any other value."""
+    current = copy.deepcopy(setup["config"])
+    stored = current.to_dict()
+    del stored["gan"]["d_norm"]
+    assert gan.config_difference(stored, current.to_dict()) is None
+    current.gan.d_norm = "spectral"
+    assert "gan.d_norm = 'batch' in the checkpoint" in gan.config_difference(stored,
+                                                                          current.to_dict())

@@ -64,7 +64,7 @@ from tqdm import tqdm
 from cpgan import layout
 from cpgan.config import Config
 from cpgan.errors import CpganError
-from cpgan.model.discriminator import Discriminators
+from cpgan.model.discriminator import Discriminators, spectral_norm_without_batch_norm
 from cpgan.model.gan_losses import (
     discriminator_loss,
     generator_adversarial_loss_over_stages,
@@ -155,14 +155,23 @@ def relative_to_root(root: Path, path: Path) -> str:
 # Models
 
 
+D_NORMS = ("batch", "spectral")
+
+
 def build_discriminators(config: Config, use_fgcd: bool = True) -> Discriminators:
-    """D^uc and D^c (FGCD, Eq. 11, or AttnGAN's sentence head) for every stage."""
+    """D^uc and D^c (FGCD, Eq. 11, or AttnGAN's sentence head) for every stage, with BN or,
+    for ``gan.d_norm = "spectral"``, spectral norm in its place."""
     g = config.gan
+    if g.d_norm not in D_NORMS:
+        raise CpganError(f"gan.d_norm is {g.d_norm!r}; choose from {', '.join(D_NORMS)}")
     try:
-        return Discriminators(g.stages, g.df_dim, g.base_size, config.encoder.text_dim,
-                              g.fgcd_patches, fgcd=use_fgcd)
+        discriminators = Discriminators(g.stages, g.df_dim, g.base_size, config.encoder.text_dim,
+                                        g.fgcd_patches, fgcd=use_fgcd)
     except ValueError as exc:
         raise CpganError(f"gan sizes: {exc}") from None
+    if g.d_norm == "spectral":
+        spectral_norm_without_batch_norm(discriminators)
+    return discriminators
 
 
 class TextFeatures(NamedTuple):
@@ -541,8 +550,12 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """The first setting (dotted key) that differs, ignoring :data:`RESUMABLE_KEYS`."""
+    """The first setting (dotted key) that differs, ignoring :data:`RESUMABLE_KEYS`. A key
+    the checkpoint predates counts as its :class:`Config` default: every key added since was
+    added with the earlier behaviour as its default (``gan.d_norm = "batch"``, for one)."""
     old, new = _flatten(stored), _flatten(json.loads(json.dumps(current)))
+    defaults = _flatten(json.loads(json.dumps(Config().to_dict())))
+    old = {**{k: v for k, v in defaults.items() if k not in old and k in new}, **old}
     for key in sorted(set(old) | set(new)):
         if key not in RESUMABLE_KEYS and old.get(key) != new.get(key):
             return f"{key} = {old.get(key)!r} in the checkpoint, {new.get(key)!r} now"
