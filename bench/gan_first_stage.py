@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cpgan.config import load_config
+from cpgan.model.discriminator import spectral_norm_without_batch_norm
 from cpgan.model.gan_losses import generator_adversarial_loss_over_stages, kl_loss
 from cpgan.model.generator import ConditioningAugmentation, GeneratorOutput
 from cpgan.pipeline.coco import CocoSplit
@@ -53,16 +54,6 @@ def preload(root: Path, split: str, vocab: Vocabulary, text, limit: int):
                                augment=False, limit=limit)
     batch = collate([dataset[i] for i in range(len(dataset))])
     return batch.images[0], gan.encode_text(text, batch.captions, batch.lengths)
-
-
-def spectral_without_bn(module: torch.nn.Module) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.BatchNorm2d):
-            setattr(module, name, torch.nn.Identity())
-        elif isinstance(child, (torch.nn.Conv2d, torch.nn.Linear)):
-            setattr(module, name, torch.nn.utils.parametrizations.spectral_norm(child))
-        else:
-            spectral_without_bn(child)
 
 
 class DcganGenerator(torch.nn.Module):
@@ -97,7 +88,7 @@ def apply_variant(state: gan.GanState, variant: str, config) -> None:
         for group in state.optimizer_g.param_groups:
             group["lr"] = 2e-3
     if variant == "sn-d":
-        spectral_without_bn(state.discriminators)
+        spectral_norm_without_batch_norm(state.discriminators)
         state.d_model = gan.DiscriminatorObjective(state.discriminators)
     if variant in ("ttur", "sn-d"):
         state.optimizer_g = torch.optim.Adam(state.generator.parameters(), 1e-4, betas=(0.0, 0.9))
