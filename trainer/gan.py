@@ -551,8 +551,9 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
     """The first setting (dotted key) that differs, ignoring :data:`RESUMABLE_KEYS`. A key
-    the checkpoint predates counts as its :class:`Config` default: every key added since was
-    added with the earlier behaviour as its default (``gan.d_norm = "batch"``, for one)."""
+    the checkpoint predates counts as its :class:`Config` default, the convention being that a
+    new key's default is the behaviour before it (``gan.d_norm = "batch"``,
+    ``encoder.captions_per_image = 1``)."""
     old, new = _flatten(stored), _flatten(json.loads(json.dumps(current)))
     defaults = _flatten(json.loads(json.dumps(Config().to_dict())))
     old = {**{k: v for k, v in defaults.items() if k not in old and k in new}, **old}
