@@ -25,8 +25,6 @@ import torch
 from cpgan import layout
 from cpgan.cli.common import PROJECT_ROOT
 from cpgan.errors import CpganError
-from cpgan.model.gan_losses import generator_adversarial_loss_over_stages
-from cpgan.model.losses import damsm_loss
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.detect import load_detector
 from cpgan.pipeline.text import Vocabulary
@@ -86,15 +84,9 @@ def main() -> None:
         with torch.no_grad():
             images = state.generator(z, text.sentence, text.words, text.mask).images
         images = [i.clone().requires_grad_(True) for i in images]
-        logits = state.discriminators(images, *text)
-        adversarial, _ = generator_adversarial_loss_over_stages(
-            [s.unconditional for s in logits], [s.conditional for s in logits])
+        adversarial = gan.adversarial_loss(state.discriminators, images, text)
         adversarial_grads = torch.autograd.grad(adversarial, images)
-        e = config.encoder
-        encoded = encoders.image(images[-1])
-        tiscl, _ = damsm_loss(text.words_by_dim, text.mask, text.sentence, encoded.regions,
-                              encoded.global_feature, e.gamma1, e.gamma2, e.gamma3,
-                              region_mask=encoded.region_mask)
+        tiscl = gan.tiscl_loss(encoders.image, images[-1], text, config)
         [tiscl_grad] = torch.autograd.grad(g.tiscl_lambda * tiscl, images[-1])
         values = {f"adversarial, stage {i} image": per_image_norm(grad)
                   for i, grad in enumerate(adversarial_grads)}

@@ -21,6 +21,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm
 
 from cpgan.model.generator import attend_words, check_words, init_gan_weights
 
@@ -275,9 +277,6 @@ def spectral_norm_without_batch_norm(module: nn.Module) -> nn.Module:
     and mostly high-frequency; with spectral norm and a smaller TISCL weight the toy GAN
     scored higher R-precision, FID and IS on the same encoders (RESULTS.md, session 10).
     """
-    from torch.nn.utils import parametrize
-    from torch.nn.utils.parametrizations import spectral_norm
-
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
             setattr(module, name, nn.Identity())

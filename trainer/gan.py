@@ -226,18 +226,32 @@ class DiscriminatorObjective(nn.Module):
         return per_stage.sum(), per_stage.detach()
 
 
+def adversarial_loss(discriminators: Discriminators, images: list[Tensor],
+                     text: TextFeatures) -> Tensor:
+    """L_G of Eq. 3-4: every stage's image scored by its D^uc and D^c (matching caption)."""
+    logits = discriminators(images, *text)
+    loss, _ = generator_adversarial_loss_over_stages(
+        [s.unconditional for s in logits], [s.conditional for s in logits])
+    return loss
+
+
+def tiscl_loss(image_encoder: ObjectAwareImageEncoder, image: Tensor, text: TextFeatures,
+               config: Config) -> Tensor:
+    """TISCL (Eq. 6): the DAMSM loss of the frozen encoders on the last stage's image."""
+    encoded = image_encoder(image)
+    e = config.encoder
+    loss, _ = damsm_loss(text.words_by_dim, text.mask, text.sentence, encoded.regions,
+                         encoded.global_feature, e.gamma1, e.gamma2, e.gamma3,
+                         region_mask=encoded.region_mask)
+    return loss
+
+
 def generator_objective(discriminators: Discriminators, output: GeneratorOutput,
                         text: TextFeatures, image_encoder: ObjectAwareImageEncoder,
                         config: Config) -> tuple[Tensor, dict[str, Tensor]]:
     """L_G (Eq. 3-4) + lambda * TISCL (Eq. 6) + KL; the parts (detached) for logging."""
-    logits = discriminators(output.images, *text)
-    adversarial, _ = generator_adversarial_loss_over_stages(
-        [s.unconditional for s in logits], [s.conditional for s in logits])
-    encoded = image_encoder(output.images[-1])
-    e = config.encoder
-    tiscl, _ = damsm_loss(text.words_by_dim, text.mask, text.sentence, encoded.regions,
-                          encoded.global_feature, e.gamma1, e.gamma2, e.gamma3,
-                          region_mask=encoded.region_mask)
+    adversarial = adversarial_loss(discriminators, output.images, text)
+    tiscl = tiscl_loss(image_encoder, output.images[-1], text, config)
     kl = kl_loss(output.mu, output.logvar)
     total = adversarial + config.gan.tiscl_lambda * tiscl + KL_WEIGHT * kl
     return total, {"loss_g_adv": adversarial.detach(), "loss_tiscl": tiscl.detach(),
