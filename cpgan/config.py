@@ -98,6 +98,8 @@ class EncoderConfig:
                                   # as AttnGAN; trainer/averaging.py)
     captions_per_image: int = 1   # captions of each image in a pretraining batch, all positives
                                   # (1: AttnGAN; model/losses.py)
+    swapped_negatives: int = 0    # captions made false by one swapped word, per caption, as
+                                  # extra sentence-level negatives (0: AttnGAN; trainer/negatives.py)
 
 
 @dataclass

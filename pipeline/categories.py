@@ -14,8 +14,17 @@ import torch
 from torchvision.ops import box_iou
 
 from cpgan.pipeline.coco import CocoSplit
+from cpgan.pipeline.text import plural
 
 HIT_IOU = 0.5
+
+
+# Berlin and Kay's basic colour terms, each the colour it names ("gray" is "grey").
+COLOUR_WORDS: dict[str, str] = {
+    **{name: name for name in ("black", "white", "red", "green", "yellow", "blue", "brown",
+                               "orange", "pink", "purple", "grey")},
+    "gray": "grey",
+}
 
 
 def category_words(split: CocoSplit) -> dict[str, int]:
@@ -31,8 +40,22 @@ def category_words(split: CocoSplit) -> dict[str, int]:
         if " " in name or not name.isalpha():
             continue
         words[name] = cid
-        words.setdefault(name + ("es" if name.endswith(("s", "sh", "ch", "x")) else "s"), cid)
+        words.setdefault(plural(name), cid)
     return words
+
+
+def swappable_words(split: CocoSplit) -> dict[str, tuple[str, str]]:
+    """Caption words that make a caption false when one replaces another: word -> (slot,
+    value). Words of one slot stand in for one another ("object", "objects" for plurals,
+    "colour"); a different value (category id, colour) makes the caption untrue of its image,
+    a synonym (same value) does not. Plurals keep their own slot so that a swap never leaves
+    "two circle", which the text alone would give away."""
+    words = category_words(split)
+    plurals = {plural(word) for word in words}
+    slots = {word: ("objects" if word in plurals else "object", str(cid))
+             for word, cid in words.items()}
+    slots.update({word: ("colour", colour) for word, colour in COLOUR_WORDS.items()})
+    return slots
 
 
 def xywh_to_xyxy(boxes: Iterable[Iterable[float]]) -> torch.Tensor:

@@ -27,6 +27,12 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
 _TOKEN = re.compile(r"\w+")
 
 
+def plural(word: str) -> str:
+    """English plural of a category word (box -> boxes, bus -> buses, dog -> dogs): the form
+    the toy captions use and the one COCO's category words are matched in."""
+    return word + ("es" if word.endswith(("s", "x", "ch", "sh")) else "s")
+
+
 def tokenize(caption: str) -> list[str]:
     """AttnGAN's tokenisation of one caption."""
     tokens = (t.encode("ascii", "ignore").decode("ascii") for t in _TOKEN.findall(caption.lower()))

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from cpgan.errors import CpganError
 from cpgan.pipeline.artifacts import atomic_dir
+from cpgan.pipeline.text import plural
 
 TOY_CATEGORIES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "heart",
@@ -47,16 +48,11 @@ _SYNONYMS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _plural(word: str) -> str:
-    """English plural of a shape word (box -> boxes, cross -> crosses, ball -> balls)."""
-    return word + ("es" if word.endswith(("s", "x", "ch", "sh")) else "s")
-
-
 SHAPE_SYNONYMS: dict[str, str] = {
     form: category
     for category, words in _SYNONYMS.items()
     for word in words
-    for form in (word, _plural(word))
+    for form in (word, plural(word))
 }
 
 TOY_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -629,8 +625,8 @@ def _counting(rng: np.random.Generator, facts: list[_Fact], background: str,
         if len(same) < 2:
             continue
         colours = sorted({f.colour for f in same})
-        groups.append((len(same), _plural(_shape_word(rng, category))))
-        groups += [(n, f"{colour} {_plural(_shape_word(rng, category))}") for colour in colours
+        groups.append((len(same), plural(_shape_word(rng, category))))
+        groups += [(n, f"{colour} {plural(_shape_word(rng, category))}") for colour in colours
                    if (n := sum(f.colour == colour for f in same)) >= 2]
     if not groups:
         return None

@@ -1,6 +1,6 @@
 import pytest
 
-from cpgan.pipeline.categories import category_words, region_hits
+from cpgan.pipeline.categories import category_words, region_hits, swappable_words
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.toy import generate_toy_coco
 
@@ -28,6 +28,15 @@ def test_coco_words_are_single_word_names_and_plurals(toy: CocoSplit):
     assert toy.categories()[10] == "traffic light"
     assert category_words(toy) == {"person": 1, "persons": 1, "dog": 18, "dogs": 18,
                                    "handbag": 31, "handbags": 31, "bus": 50, "buses": 50}
+
+
+def test_swappable_words_keep_synonyms_together_and_plurals_apart(toy: CocoSplit):
+    slots = swappable_words(toy)
+    assert slots["box"][1] == slots["square"][1] != slots["circle"][1]
+    assert slots["box"][0] == slots["circle"][0] == "object"
+    assert slots["boxes"] == ("objects", slots["box"][1])
+    assert slots["red"] == ("colour", "red") and slots["gray"] == slots["grey"]
+    assert "grass" not in slots and "two" not in slots
 
 
 def test_region_hits_needs_iou_half_with_the_same_category():

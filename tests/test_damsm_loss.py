@@ -199,3 +199,53 @@ def test_captions_per_image_checks_the_layout() -> None:
                    captions_per_image=2)
     with pytest.raises(ValueError, match="captions_per_image must be >= 1"):
         damsm_loss(words, lengths, sentences, regions, globals_, G1, G2, G3, captions_per_image=0)
+
+
+def test_swapped_negatives_add_eq_23_with_each_image_s_own_false_captions() -> None:
+    """One false caption per image: a third term, -log P(D_i | I_i) over the batch's captions
+    and image i's own false caption; Eq. 21 and 24 unchanged."""
+    words, sentences, regions, globals_ = _tensors()
+    lengths = torch.tensor([2, 2])
+    false = torch.tensor([[0.2, 1.0], [1.0, 0.1]], dtype=torch.float64)
+    plain, plain_parts = damsm_loss(words, lengths, sentences, regions, globals_, G1, G2, G3)
+    loss, parts = damsm_loss(words, lengths, sentences, regions, globals_, G1, G2, G3,
+                             negative_sentences=false)
+    sent = [[_cos(GLOBALS[i], SENTENCES[c]) for c in range(2)] for i in range(2)]
+    hand = sum(_neg_log_softmax([G3 * s for s in sent[i]]
+                                + [G3 * _cos(GLOBALS[i], false[i].tolist())], i)
+               for i in range(2)) / 2
+    assert parts["swapped"].item() == pytest.approx(hand, rel=1e-9)
+    assert hand > plain_parts["sentence_captions_given_images"].item()
+    assert plain_parts["swapped"].item() == 0.0
+    for key in ("sentence", "word"):
+        assert parts[key].item() == pytest.approx(plain_parts[key].item(), rel=1e-12)
+    assert loss.item() == pytest.approx(plain.item() + hand, rel=1e-12)
+    masked, parts = damsm_loss(words, lengths, sentences, regions, globals_, G1, G2, G3,
+                               negative_sentences=false, negative_mask=torch.tensor([False, False]))
+    assert parts["swapped"].item() == pytest.approx(
+        plain_parts["sentence_captions_given_images"].item(), rel=1e-12)
+
+
+def test_swapped_negatives_follow_the_caption_layout() -> None:
+    """N false captions in rows n * B + i, repeated for every one of K captions per image."""
+    words, lengths, sentences, regions, globals_ = _multi_caption_batch(3, 2)
+    torch.manual_seed(6)
+    false = torch.randn(6, 4)  # N = 2 for B = 3
+    _, parts = damsm_loss(words, lengths, sentences, regions, globals_, G1, G2, G3,
+                          captions_per_image=2, negative_sentences=false)
+    logits = G3 * torch.nn.functional.cosine_similarity(
+        globals_.unsqueeze(1), sentences.unsqueeze(0), dim=-1).repeat(2, 1)
+    own = torch.arange(3).repeat(2)
+    same = own.unsqueeze(0) == own.unsqueeze(1)
+    same.fill_diagonal_(False)
+    negatives = G3 * torch.nn.functional.cosine_similarity(
+        globals_.unsqueeze(1), false.view(2, 3, 4).transpose(0, 1), dim=-1)  # [3, 2]
+    rows = torch.cat([logits.masked_fill(same, float("-inf")), negatives.repeat(2, 1)], dim=1)
+    reference = torch.nn.functional.cross_entropy(rows, torch.arange(6))
+    assert parts["swapped"].item() == pytest.approx(reference.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="negative sentences must be"):
+        damsm_loss(words, lengths, sentences, regions, globals_, G1, G2, G3,
+                   captions_per_image=2, negative_sentences=false[:5])
+    with pytest.raises(ValueError, match="negative mask must be"):
+        damsm_loss(words, lengths, sentences, regions, globals_, G1, G2, G3, captions_per_image=2,
+                   negative_sentences=false, negative_mask=torch.ones(3, dtype=torch.bool))

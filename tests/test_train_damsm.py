@@ -395,3 +395,31 @@ def test_other_captions_follow_the_batch_in_the_loss_s_layout(setup):
             options = {cid: c for cid, c in dataset.captions[int(index)]}
             assert ids in [c for cid, c in options.items() if cid != int(caption_id)]
             assert captions[k * 5 + i, lengths[k * 5 + i]:].eq(0).all()  # <pad> after the words
+
+
+def test_swapped_negatives_reach_the_sentence_loss_in_training_only(setup, tmp_path,
+                                                                    monkeypatch):
+    """``encoder.swapped_negatives`` N: each training step scores N false captions per image,
+    their sentence vectors from the text encoder being trained; evaluation scores none."""
+    seen = []
+    real_loss = damsm.damsm_loss
+
+    def recording(words, lengths, sentence, regions, *args, negative_sentences=None, **kwargs):
+        seen.append((regions.shape[0], None if negative_sentences is None
+                     else (negative_sentences.shape[0], negative_sentences.requires_grad)))
+        return real_loss(words, lengths, sentence, regions, *args,
+                         negative_sentences=negative_sentences, **kwargs)
+
+    monkeypatch.setattr(damsm, "damsm_loss", recording)
+    monkeypatch.setattr(setup["config"].encoder, "swapped_negatives", 2)
+    _train(setup, tmp_path / "negatives", epochs=1)
+    training = [s for s in seen if s[1] is not None]
+    assert len(training) == 2  # 16 train images, batches of 8
+    assert all(rows == 2 * images and grad for images, (rows, grad) in training)
+    assert len(seen) > len(training)  # the val batches, without negatives
+
+
+def test_a_negative_count_of_swapped_negatives_is_refused(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(setup["config"].encoder, "swapped_negatives", -1)
+    with pytest.raises(CpganError, match="swapped_negatives >= 0"):
+        _train(setup, tmp_path / "bad", epochs=1)

@@ -10,7 +10,9 @@ later judge generated images; the recipe is AttnGAN's ``pretrain_DAMSM.py``:
   K > 1 (the toy preset; AttnGAN has 1) each image brings K - 1 more of its own captions
   (:func:`with_other_captions`), all positives, none a negative of its own image
   (``damsm_loss(captions_per_image=K)``): the text side sees K times the captions per step for
-  the same image work;
+  the same image work. With ``encoder.swapped_negatives`` N > 0 (the toy preset; AttnGAN has 0)
+  each image's first caption also brings N copies with one object or colour word swapped
+  (:mod:`cpgan.trainer.negatives`), negatives of that image alone in the sentence-level loss;
 * Adam with betas (0.5, 0.999) on every trainable parameter (MATE, the projections M_o, M_e and
   the global map, and the toy preset's backbone, which starts from the fitted scoring
   classifier; Inception and the detector stay frozen), the
@@ -82,10 +84,12 @@ from cpgan.model.metrics import CANDIDATES, FOLDS, r_precision, r_precision_in_b
 from cpgan.model.text_encoder import SENTENCE_POOLING, MemoryAttendedTextEncoder
 from cpgan.model.yolo import YoloRegionExtractor
 from cpgan.pipeline.artifacts import atomic_write
+from cpgan.pipeline.categories import swappable_words
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.text import Vocabulary
 from cpgan.trainer.averaging import WeightAverage
 from cpgan.trainer.data import Batch, TextImageDataset, batches, make_loader, pad_caption
+from cpgan.trainer.negatives import WordSwaps, swapped_captions
 from cpgan.trainer.region_cache import RegionCache, cache_bytes
 
 TRAIN_SPLIT = "train2014"
@@ -509,37 +513,52 @@ def with_other_captions(batch: Batch, dataset: TextImageDataset,
 
 def _loss(text: MemoryAttendedTextEncoder, image: ObjectAwareImageEncoder, batch: Batch,
           config: EncoderConfig, regions: RegionCache | None = None,
-          captions: TextImageDataset | None = None) -> tuple[Tensor, Tensor, Tensor]:
+          captions: TextImageDataset | None = None,
+          swaps: WordSwaps | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """L^w + L^s (Eq. 25) of a batch, with f and s for R-precision; V_o's detections come from
     ``regions`` when it holds the batch's views. With ``captions`` (the training set) each
-    image brings ``config.captions_per_image`` of its captions, all positives."""
+    image brings ``config.captions_per_image`` of its captions, all positives, and with
+    ``swaps`` too, ``config.swapped_negatives`` false versions of its first caption."""
     per_image = config.captions_per_image if captions is not None else 1
     if per_image > 1:
         tokens, lengths = with_other_captions(batch, captions, per_image)
     else:
         tokens, lengths = batch.captions, batch.lengths
+    negatives = config.swapped_negatives if captions is not None and swaps else 0
+    if negatives:
+        false, false_lengths, false_mask = swapped_captions(
+            batch.captions, batch.lengths, batch.indices, swaps, negatives, captions.seed,
+            captions.epoch)
+        tokens, lengths = torch.cat([tokens, false]), torch.cat([lengths, false_lengths])
     words, sentence = text(tokens, lengths)
+    true_rows = per_image * len(batch)
     images = batch.images[-1]
     detections = (regions.lookup(batch.indices, batch.flipped, images.device)
                   if regions is not None else None)
     encoded = image(images, detections)
-    loss, _ = damsm_loss(words, lengths, sentence, encoded.regions, encoded.global_feature,
+    loss, _ = damsm_loss(words[:true_rows], lengths[:true_rows], sentence[:true_rows],
+                         encoded.regions, encoded.global_feature,
                          config.gamma1, config.gamma2, config.gamma3,
-                         region_mask=encoded.region_mask, captions_per_image=per_image)
+                         region_mask=encoded.region_mask, captions_per_image=per_image,
+                         negative_sentences=sentence[true_rows:] if negatives else None,
+                         negative_mask=false_mask if negatives else None)
     return loss, encoded.global_feature, sentence[:len(batch)]
 
 
 def _train_epoch(state: TrainState, loader: Iterable[Batch], config: EncoderConfig,
                  device: str, bar: tqdm, regions: RegionCache | None = None,
-                 captions: TextImageDataset | None = None) -> float:
+                 captions: TextImageDataset | None = None,
+                 swaps: WordSwaps | None = None) -> float:
     """One pass; returns the mean training loss over the epoch's batches. ``captions`` is the
-    training set, where the extra captions of ``config.captions_per_image`` come from."""
+    training set, where the extra captions of ``config.captions_per_image`` come from, and
+    ``swaps`` what makes the false ones of ``config.swapped_negatives``."""
     state.text.train()
     state.image.train()
     pair = state.encoders()
     total, steps, running = 0.0, 0, None
     for batch in batches(loader, state.failed, state.failed_indices):
-        loss, _, _ = _loss(state.text, state.image, batch.to(device), config, regions, captions)
+        loss, _, _ = _loss(state.text, state.image, batch.to(device), config, regions, captions,
+                           swaps)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(state.text.parameters(), config.grad_clip)
@@ -682,17 +701,18 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
     encoder = config.encoder
     if encoder.epochs < 0 or encoder.batch_size < 1 or encoder.lr <= 0 or \
             not 0 < encoder.lr_decay <= 1 or not 0 <= encoder.average_decay < 1 or \
-            encoder.captions_per_image < 1:
+            encoder.captions_per_image < 1 or encoder.swapped_negatives < 0:
         raise CpganError(f"DAMSM needs epochs >= 0, batch size >= 1, lr > 0, 0 < lr_decay <= 1, "
-                         f"0 <= average_decay < 1 and captions_per_image >= 1, got "
-                         f"{encoder.epochs}, {encoder.batch_size}, {encoder.lr}, "
-                         f"{encoder.lr_decay}, {encoder.average_decay}, "
-                         f"{encoder.captions_per_image}")
+                         f"0 <= average_decay < 1, captions_per_image >= 1 and "
+                         f"swapped_negatives >= 0, got {encoder.epochs}, {encoder.batch_size}, "
+                         f"{encoder.lr}, {encoder.lr_decay}, {encoder.average_decay}, "
+                         f"{encoder.captions_per_image}, {encoder.swapped_negatives}")
     if encoder.backbone == "classifier" and classifier_weights is None:
         raise CpganError("the classifier backbone starts from the toy scoring classifier: run "
                          "'cpgan-eval fit-classifier' first (models/classifier.pt)")
     torch.manual_seed(config.seed)
     train_set, val_set = _datasets(coco_root, config, vocab, limit, val_limit)
+    swaps = WordSwaps(vocab, swappable_words(train_set.split))
     regions = region_settings(detector, config.detector) if detector is not None else None
     extractor = build_region_extractor(detector, regions) if detector is not None else None
     text = build_text_encoder(len(vocab), encoder, memory).to(device)
@@ -726,7 +746,7 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
         with tqdm(total=len(loader.sampler), desc=f"{name} {epoch + 1}/{encoder.epochs}",
                   unit="img", disable=not progress, leave=False) as bar:
             train_loss = _train_epoch(state, loader, encoder, device, bar, train_regions,
-                                      train_set)
+                                      train_set, swaps)
         metrics = evaluate(*state.published(), val_set, encoder, encoder.batch_size,
                            config.seed, device, num_workers, val_regions)
         state.history.append({"epoch": float(epoch + 1), "train_loss": train_loss, **metrics})

@@ -51,6 +51,7 @@ RESIZE_NUMERATOR, RESIZE_DENOMINATOR = 76, 64  # AttnGAN: Scale(int(imsize * 76 
 FLIP_PROBABILITY = 0.5
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep the epochs' draws and the evaluation draws apart
 OTHER_CAPTIONS_STREAM = 3         # the extra captions of DAMSM pretraining (2: trainer/gan.py)
+NEGATIVES_STREAM = 4              # its swapped captions (trainer/negatives.py)
 
 
 def multi_resolution_sizes(base_size: int, stages: int) -> tuple[int, ...]:
