@@ -32,6 +32,7 @@ backbone_width = 4
 batch_size = 8
 epochs = 1
 lr = 0.003
+swapped_negatives = 1  # off in the toy preset; on here so that resume covers its draws
 """
 
 
