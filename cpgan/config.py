@@ -99,7 +99,8 @@ class EncoderConfig:
     captions_per_image: int = 1   # captions of each image in a pretraining batch, all positives
                                   # (1: AttnGAN; model/losses.py)
     swapped_negatives: int = 0    # captions made false by one swapped word, per caption, as
-                                  # extra sentence-level negatives (0: AttnGAN; trainer/negatives.py)
+                                  # extra sentence-level negatives (0: AttnGAN;
+                                  # trainer/negatives.py)
 
 
 @dataclass

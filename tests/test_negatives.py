@@ -51,6 +51,6 @@ def test_swapped_captions_are_laid_out_per_false_copy_and_drawn_per_image_and_ep
     assert torch.equal(false[2], captions[2]) and false[:, 4:].eq(0).all()
     again = swapped_captions(captions[[1, 0]], lengths[[1, 0]], indices[[1, 0]], swaps, 2, 0, 1)[0]
     assert torch.equal(again[1], false[0]) and torch.equal(again[3], false[3])  # per image
-    draws = {_words(swapped_captions(captions, lengths, indices, swaps, 1, 0, epoch)[0][0, :3].tolist())
-             for epoch in range(20)}
+    draws = {_words(swapped_captions(captions, lengths, indices, swaps, 1, 0, epoch)[0][0, :3]
+                    .tolist()) for epoch in range(20)}
     assert len(draws) == 3  # a new draw each epoch, among the caption's three false versions
