@@ -185,13 +185,12 @@ def damsm_loss(
         class_ids = class_ids.repeat(captions_per_image)
     word_d, word_i = matching_loss(scores.word.repeat(captions_per_image, 1), gamma3,
                                    class_ids, reduction)
-    sent_d, sent_i = matching_loss(scores.sentence.repeat(captions_per_image, 1), gamma3,
-                                   class_ids, reduction)
+    sentence_rows = scores.sentence.repeat(captions_per_image, 1)
+    sent_d, sent_i = matching_loss(sentence_rows, gamma3, class_ids, reduction)
     word_loss, sentence_loss = word_d + word_i, sent_d + sent_i              # Eq. 21, 24
     swapped_loss = sentence_loss.new_zeros(())
     if negatives is not None:
-        swapped_loss, _ = matching_loss(scores.sentence.repeat(captions_per_image, 1), gamma3,
-                                        class_ids, reduction, negatives)
+        swapped_loss, _ = matching_loss(sentence_rows, gamma3, class_ids, reduction, negatives)
     parts = {
         "word": word_loss, "sentence": sentence_loss, "swapped": swapped_loss,
         "word_captions_given_images": word_d, "word_images_given_captions": word_i,

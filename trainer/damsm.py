@@ -712,7 +712,8 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
                          "'cpgan-eval fit-classifier' first (models/classifier.pt)")
     torch.manual_seed(config.seed)
     train_set, val_set = _datasets(coco_root, config, vocab, limit, val_limit)
-    swaps = WordSwaps(vocab, swappable_words(train_set.split))
+    swaps = (WordSwaps(vocab, swappable_words(train_set.split))
+             if encoder.swapped_negatives else None)
     regions = region_settings(detector, config.detector) if detector is not None else None
     extractor = build_region_extractor(detector, regions) if detector is not None else None
     text = build_text_encoder(len(vocab), encoder, memory).to(device)

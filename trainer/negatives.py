@@ -30,10 +30,11 @@ class WordSwaps:
     """For each swappable token id, the token ids that would make a caption false in its place."""
 
     def __init__(self, vocab: Vocabulary, words: dict[str, tuple[str, str]]) -> None:
-        slots = {vocab.id(word): slot for word, slot in words.items() if vocab.id(word) != UNK_ID}
+        slots = sorted((vocab.id(word), slot) for word, slot in words.items()
+                       if vocab.id(word) != UNK_ID)
         self.replacements: dict[int, list[int]] = {}
-        for token, (slot, value) in sorted(slots.items()):
-            others = [t for t, (s, v) in sorted(slots.items()) if s == slot and v != value]
+        for token, (slot, value) in slots:
+            others = [t for t, (s, v) in slots if s == slot and v != value]
             if others:
                 self.replacements[token] = others
 
