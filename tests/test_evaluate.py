@@ -246,6 +246,23 @@ def test_global_features_equal_the_encoders_f(run: Setup):
                           image(images).global_feature, atol=1e-6)
 
 
+def test_a_one_stage_generator_has_no_attention_pictures(tmp_path: Path):
+    """A one-stage G (``gan.stages = 1``) has no F^att maps: the showcase keeps its samples
+    and no attention example, and the report draws without one (it used to fail on an empty
+    mosaic)."""
+    from cpgan.pipeline.report import _sample_pictures
+
+    collector = evaluate._Collector(limit=2, attention_limit=2)
+    images = {block: torch.rand(3, 3, 16, 16) * 2 - 1 for block in evaluate.BLOCKS}
+    collector.add(["a red circle", "a blue star", "two squares"],
+                  [["a", "red", "circle"], ["a", "blue", "star"], ["two", "squares"]], images, [])
+    showcase = collector.showcase()
+    assert showcase.attention == [] and len(showcase.captions) == 2
+    names = [p.name for p in _sample_pictures(tmp_path, showcase)]
+    assert names == [f"samples-{block}.png" for block in evaluate.BLOCKS]
+    assert all((tmp_path / name).is_file() for name in names)
+
+
 def _other_encoders(run: Setup) -> Path:
     """The run's encoder file with every learned weight redrawn: another R-precision ruler."""
     source = run.artifacts / sampling.read_checkpoint(run.checkpoint).encoders

@@ -321,7 +321,7 @@ class _Collector:
             return
         for block, batch in images.items():
             self.images[block] += list(to_uint8(batch[:take]))
-        for k in range(take):
+        for k in range(take if attention else 0):  # a one-stage G has no F^att maps
             if len(self.attention) < self.attention_limit:
                 count = len(words[k])
                 self.attention.append(AttentionExample(
