@@ -351,6 +351,28 @@ def test_spectral_norm_discriminators_train_and_resume_exactly(setup):
         gan.build_discriminators(config)
 
 
+def test_a_spectral_norm_step_normalises_each_weight_once_per_update(setup):
+    """D's update calls every stage on real and on fake images, G's update calls it again:
+    each of the two updates computes each normalised weight once (one power iteration)."""
+    config = copy.deepcopy(setup["config"])
+    config.gan.d_norm = "spectral"
+    encoders = gan.load_encoders(setup["root"], setup["vocab"], config, gan.Switches(),
+                                 setup["root"] / "memory.h5", setup["detector"], None,
+                                 torch.device("cpu"))
+    state = gan.build_state(config, True, torch.device("cpu"))
+    dataset = TextImageDataset(CocoSplit.open(setup["coco"], "train2014"), setup["vocab"],
+                               config.data.max_caption_words, [8, 16], augment=False)
+    batch = collate([dataset[i] for i in range(4)])
+    norms = [m for m in state.discriminators.modules()
+             if type(m).__name__ == "_SpectralNorm"]
+    calls = []
+    for norm in norms:
+        norm.register_forward_hook(lambda module, args, out: calls.append(module))
+    gan.train_step(state, batch, encoders, config, seed=7)
+    assert len(norms) > 10 and len(calls) == 2 * len(norms)
+    assert all(calls.count(norm) == 2 for norm in norms)
+
+
 def test_a_key_the_checkpoint_predates_counts_as_its_default(setup):
     """A checkpoint written before ``gan.d_norm`` existed resumes under the default ("batch",
     what it was trained with) and is refused under any other value."""
