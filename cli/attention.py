@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from cpgan.cli.common import RunContext, common_options
+from cpgan.config import config_defaults
 from cpgan.errors import CpganError
 from cpgan.layout import (
     CAPTIONER_NAME,
@@ -68,7 +69,8 @@ def train_attention(run: RunContext, epochs: int | None, batch_size: int | None,
     inputs = [vocab_path, *(f for f in files if f.exists()),
               *_shards(run, CAPTIONER_TRAIN_SPLIT), *_shards(run, CAPTIONER_VAL_SPLIT)]
     artifacts.sweep_temporaries(target.parent, "captioner.")  # left by a killed run
-    if artifacts.is_current(run.artifacts, "train-attention", params=params, inputs=inputs):
+    if artifacts.is_current(run.artifacts, "train-attention", params=params, inputs=inputs,
+                            defaults=config_defaults("attention")):
         click.echo(f"train-attention: up to date ({target})")
         return
     # imported after the up-to-date check: torch and torchvision take ~5 s to import

@@ -132,8 +132,8 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
                       inception_weights, detector_weights or models_dir / layout.DETECTOR_NAME,
                       run.project_path(config.detector.cfg), fid_weights, rprecision_encoders)
     split = CocoSplit.open(run.coco_root, split_name, require_instances=True)
-    params = _params(checkpoint.path, split_name, num_images, batch_size, seed, config.preset,
-                     rprecision_encoders)
+    params = _params(root, checkpoint.path, split_name, num_images, batch_size, seed,
+                     config.preset, rprecision_encoders)
     scoring_file = files.classifier_weights if config.preset == "toy" else inception_weights
     record_inputs = (files.inputs(checkpoint, split, SimpleNamespace(weights=Path(scoring_file)))
                      if scoring_file is not None else None)  # else loading the models will say why
@@ -164,14 +164,16 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
 
 
 
-def _params(checkpoint: Path, split_name: str, num_images: int | None, batch_size: int,
-            seed: int, preset: str, rprecision_encoders: Path | None) -> dict[str, Any]:
-    """The eval stage's parameters: a change makes the report stale."""
-    params = {"checkpoint": str(checkpoint), "split": split_name, "num_images": num_images,
-              "batch_size": batch_size, "seed": seed,
+def _params(root: Path, checkpoint: Path, split_name: str, num_images: int | None,
+            batch_size: int, seed: int, preset: str,
+            rprecision_encoders: Path | None) -> dict[str, Any]:
+    """The eval stage's parameters: a change makes the report stale. Paths inside the
+    artifacts root are relative to it, so a moved root keeps its report."""
+    params = {"checkpoint": artifacts.record_key(root, checkpoint), "split": split_name,
+              "num_images": num_images, "batch_size": batch_size, "seed": seed,
               "scoring": "classifier" if preset == "toy" else "inception"}
     if rprecision_encoders is not None:
-        params["rprecision_encoders"] = str(rprecision_encoders)
+        params["rprecision_encoders"] = artifacts.record_key(root, rprecision_encoders)
     return params
 
 
@@ -217,7 +219,7 @@ def _report_is_current(run: RunContext, checkpoint_path: Path | None, split_name
     extra = [inception_weights, fid_weights, rprecision_encoders,
              root / layout.MEMORY_NAME if rprecision_encoders is not None else None]
     inputs += [p for p in extra if p is not None]
-    params = _params(checkpoint, split_name, num_images, batch_size, seed, preset,
+    params = _params(root, checkpoint, split_name, num_images, batch_size, seed, preset,
                      rprecision_encoders)
     return artifacts.is_current(root, "eval", params=params, inputs=inputs)
 

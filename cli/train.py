@@ -37,6 +37,7 @@ import click
 
 from cpgan import layout
 from cpgan.cli.common import RunContext, common_options, report_errors
+from cpgan.config import config_defaults
 from cpgan.errors import CpganError
 from cpgan.pipeline import artifacts
 
@@ -222,10 +223,13 @@ class _TrainingJob(abc.ABC):
         """The ablation variant's record (the main model's is the stage record)."""
 
     def _recorded_current(self) -> bool:
+        # the config sections params() records: a key they predate counts as its default
+        defaults = config_defaults("encoder", "gan", "detector")
         if self.main_variant:
             return artifacts.is_current(self.root, self.stage, params=self.params(),
-                                        inputs=self.inputs())
-        return _variant_is_current(self.root, self.record, self.params(), self.inputs())
+                                        inputs=self.inputs(), defaults=defaults)
+        return _variant_is_current(self.root, self.record, self.params(), self.inputs(),
+                                   defaults)
 
     def _recorded_summary(self) -> dict[str, Any]:
         """The summary of the stage's record (the main model's) or of the variant's."""
@@ -461,18 +465,11 @@ def _variant_record(root: Path, config: dict[str, Any], params: dict[str, Any],
     from cpgan import __version__
 
     def keyed(paths: list[Path]) -> dict[str, Any]:
-        return {_key(root, p): artifacts.fingerprint(p) for p in sorted(paths)}
+        return {artifacts.record_key(root, p): artifacts.fingerprint(p) for p in sorted(paths)}
 
     return {"stage": stage, "split": None, "version": __version__, "params": params,
             "inputs": keyed(inputs), "outputs": keyed(outputs), "summary": summary,
             "config": config}
-
-
-def _key(root: Path, path: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(Path(root).resolve()))
-    except ValueError:
-        return str(Path(path).resolve())
 
 
 def _write_variant_record(root: Path, record: Path, config: dict[str, Any],
@@ -483,14 +480,15 @@ def _write_variant_record(root: Path, record: Path, config: dict[str, Any],
 
 
 def _variant_is_current(root: Path, record: Path, params: dict[str, Any],
-                        inputs: list[Path]) -> bool:
+                        inputs: list[Path], defaults: dict[str, Any]) -> bool:
     try:
         content = json.loads(record.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return False
-    if not isinstance(content, dict) or content.get("params") != json.loads(json.dumps(params)):
+    if not isinstance(content, dict) or not artifacts.same_params(content.get("params"), params,
+                                                                  defaults):
         return False
-    if set(content.get("inputs", {})) != {_key(root, p) for p in inputs}:
+    if set(content.get("inputs", {})) != {artifacts.record_key(root, p) for p in inputs}:
         return False
     for key, known in {**content.get("inputs", {}), **content.get("outputs", {})}.items():
         path = Path(key) if Path(key).is_absolute() else root / key

@@ -8,6 +8,7 @@ config is written beside every output (see ``pipeline/artifacts.py``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -142,6 +143,35 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def config_defaults(*sections: str) -> dict[str, Any]:
+    """The :class:`Config` defaults of ``sections`` (all of them when none is named), as JSON
+    gives them back (tuples as lists), for :func:`fill_new_keys`."""
+    defaults = json.loads(json.dumps(Config().to_dict()))
+    return {k: v for k, v in defaults.items() if not sections or k in sections}
+
+
+def fill_new_keys(stored: Any, current: Any, defaults: Any) -> Any:
+    """``stored`` (a recorded config or stage parameters) with every key that ``current`` has
+    and ``stored`` predates taken from ``defaults``, at any depth of nested dicts.
+
+    The one rule for settings recorded before a key existed: a new key's :class:`Config`
+    default is the behaviour before it (``gan.d_norm = "batch"``, ``encoder.swapped_negatives
+    = 0``), so a record without the key means the default. Comparing the filled record with
+    the current settings then tells a real change (the key set to something else) from an
+    upgrade of the code (the key at its default), and a finished stage, a resume or a
+    checkpoint's config survive the upgrade. Keys that ``defaults`` does not know stay
+    missing, so they still count as a difference."""
+    if not (isinstance(stored, dict) and isinstance(current, dict) and isinstance(defaults, dict)):
+        return stored
+    filled = dict(stored)
+    for key, value in current.items():
+        if key not in defaults:
+            continue
+        filled[key] = (fill_new_keys(stored[key], value, defaults[key]) if key in stored
+                       else defaults[key])
+    return filled
 
 
 RENAMED = {"gan.lr": "gan.lr_g and gan.lr_d"}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from cpgan import layout
+from cpgan.config import fill_new_keys
 
 TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".lock"
@@ -210,7 +211,7 @@ def fingerprint(path: Path, known: dict[str, Any] | None = None) -> dict[str, An
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
 
 
-def _key(root: Path, path: Path) -> str:
+def record_key(root: Path, path: Path) -> str:
     """Record paths relative to the artifacts root when inside it (the root can move)."""
     path = Path(path).resolve()
     try:
@@ -243,8 +244,8 @@ def write_record(
         "split": split,
         "version": __version__,
         "params": params,
-        "inputs": {_key(root, p): fingerprint(p) for p in sorted(map(Path, inputs))},
-        "outputs": {_key(root, p): fingerprint(p) for p in sorted(map(Path, outputs))},
+        "inputs": {record_key(root, p): fingerprint(p) for p in sorted(map(Path, inputs))},
+        "outputs": {record_key(root, p): fingerprint(p) for p in sorted(map(Path, outputs))},
         "summary": summary or {},
         "config": config,
     }
@@ -284,6 +285,16 @@ def stage_state(root: Path, stage: str, split: str | None = None) -> tuple[str, 
     return ("stale", reason) if reason else ("done", "")
 
 
+def same_params(recorded: Any, params: dict[str, Any],
+                defaults: dict[str, Any] | None = None) -> bool:
+    """Are a record's parameters ``params``, once the keys it predates are taken from
+    ``defaults`` (:func:`cpgan.config.fill_new_keys`)?"""
+    current = json.loads(json.dumps(params))
+    if defaults is not None:
+        recorded = fill_new_keys(recorded, current, defaults)
+    return recorded == current
+
+
 def is_current(
     root: Path,
     stage: str,
@@ -291,12 +302,14 @@ def is_current(
     params: dict[str, Any],
     inputs: Iterable[Path],
     split: str | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> bool:
     """True when ``stage`` already finished with these parameters and these exact inputs,
-    so a rerun can skip it."""
+    so a rerun can skip it. ``defaults`` (:func:`cpgan.config.config_defaults` of the config
+    sections ``params`` records) stand in for the keys the record predates."""
     record = read_record(root, stage, split)
-    if record is None or record.get("params") != json.loads(json.dumps(params)):
+    if record is None or not same_params(record.get("params"), params, defaults):
         return False
-    if set(record.get("inputs", {})) != {_key(root, Path(p)) for p in inputs}:
+    if set(record.get("inputs", {})) != {record_key(root, Path(p)) for p in inputs}:
         return False
     return stage_state(root, stage, split)[0] == "done"

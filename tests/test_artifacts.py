@@ -91,6 +91,26 @@ def test_status_done_stale_missing(tmp_path: Path):
     assert artifacts.stage_state(root, "vocab") == ("stale", "output vocab.json is missing")
 
 
+def test_a_parameter_the_record_predates_counts_as_its_default(tmp_path: Path):
+    """A stage finished before a config key existed stays done while the key is at its
+    default (the behaviour before it) and is stale once the key is set otherwise."""
+    root = tmp_path / "artifacts"
+    source = tmp_path / "captions.json"
+    source.write_text("a red ball")
+    _run_stage(root, source, {"gan": {"lr_g": 1e-3}})
+    defaults = {"gan": {"lr_g": 2e-4, "d_norm": "batch"}}
+    upgraded = {"gan": {"lr_g": 1e-3, "d_norm": "batch"}}
+    assert artifacts.is_current(root, "vocab", params=upgraded, inputs=[source],
+                                defaults=defaults)
+    assert not artifacts.is_current(root, "vocab", params=upgraded, inputs=[source])
+    changed = {"gan": {"lr_g": 1e-3, "d_norm": "spectral"}}
+    assert not artifacts.is_current(root, "vocab", params=changed, inputs=[source],
+                                    defaults=defaults)
+    unknown = {"gan": {"lr_g": 1e-3, "width": 2}}
+    assert not artifacts.is_current(root, "vocab", params=unknown, inputs=[source],
+                                    defaults=defaults)
+
+
 def test_touch_without_change_stays_done(tmp_path: Path):
     root = tmp_path / "artifacts"
     source = tmp_path / "captions.json"

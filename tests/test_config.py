@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from cpgan.config import load_config
+from cpgan.config import config_defaults, fill_new_keys, load_config
 from cpgan.errors import CpganError
 
 
@@ -59,3 +59,19 @@ def test_a_renamed_key_names_its_successors(tmp_path: Path):
     with pytest.raises(CpganError, match=r"old.toml: unknown config key 'gan.lr' \(now gan.lr_g "
                                          r"and gan.lr_d\)"):
         load_config("toy", user)
+
+
+def test_a_key_a_record_predates_is_filled_with_its_default_and_nothing_else():
+    defaults = config_defaults("encoder", "gan")
+    assert set(defaults) == {"encoder", "gan"} and defaults["gan"]["d_norm"] == "batch"
+    current = {"run": "cpgan", "gan": {"d_norm": "spectral", "lr_g": 1e-3, "novel": 1},
+               "encoder": {"gamma1": 4.0}, "limit": None}
+    stored = {"run": "cpgan", "gan": {"lr_g": 1e-3}, "limit": None}
+    filled = fill_new_keys(stored, current, defaults)
+    # d_norm and the whole encoder section come from the defaults; "novel" has none
+    assert filled == {"run": "cpgan", "gan": {"lr_g": 1e-3, "d_norm": "batch"},
+                      "encoder": defaults["encoder"], "limit": None}
+    assert stored == {"run": "cpgan", "gan": {"lr_g": 1e-3}, "limit": None}  # not modified
+    recorded = {"gan": {"lr_g": 5e-4}}
+    assert fill_new_keys(recorded, current, defaults)["gan"]["lr_g"] == 5e-4  # kept as recorded
+    assert fill_new_keys(None, current, defaults) is None

@@ -225,6 +225,15 @@ def test_a_finished_report_is_not_recomputed(run: Setup, evaluated: dict, monkey
         result = CliRunner().invoke(eval_cli, _args(run))
     assert result.exit_code == 0 and "up to date" in result.output, result.output
     assert report.stat().st_mtime_ns == before
+    moved = run.artifacts.with_name(run.artifacts.name + "-moved")  # the record is relative
+    run.artifacts.rename(moved)
+    try:
+        args = _args(run)
+        args[args.index(str(run.artifacts))] = str(moved)
+        result = CliRunner().invoke(eval_cli, args)
+    finally:
+        moved.rename(run.artifacts)
+    assert result.exit_code == 0 and "up to date" in result.output, result.output
     other = CliRunner().invoke(eval_cli, _args(run, "--seed", "5"))  # other params: recompute
     assert other.exit_code == 0 and "up to date" not in other.output, other.output
     assert report.stat().st_mtime_ns != before

@@ -178,6 +178,19 @@ def test_a_checkpoint_from_before_separate_learning_rates_reads_its_lr_as_both()
         sampling.config_from_dict(both, Path("old.pt"))
 
 
+def test_a_key_the_stored_config_predates_is_its_default_not_the_preset_s():
+    """The toy preset sets encoder.captions_per_image = 2; a checkpoint written before the
+    key existed was trained as the default, 1, and reads back so."""
+    config = load_config("toy")
+    assert config.encoder.captions_per_image == 2
+    values = config.to_dict()
+    values["encoder"] = {k: v for k, v in values["encoder"].items()
+                         if k != "captions_per_image"}
+    read = sampling.config_from_dict(values, Path("old.pt"))
+    assert read.encoder.captions_per_image == 1
+    assert read.gan == config.gan and read.preset == "toy"
+
+
 def _refusal(path: Path) -> str:
     with pytest.raises(CpganError) as info:
         sampling.read_checkpoint(path)

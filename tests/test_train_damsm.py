@@ -252,6 +252,21 @@ def test_learning_rate_decays_per_epoch_until_below_a_tenth():
     assert damsm.epoch_lr(1e-3, 9, 1.0) == 1e-3
 
 
+def test_a_checkpoint_from_before_a_key_resumes_while_the_key_is_at_its_default(setup,
+                                                                               tmp_path):
+    """--resume across an upgrade that added an encoder key: accepted while the key is at
+    its default, refused once it is not (the tiny config's swapped_negatives = 1)."""
+    settings = {"model": {"vocab_size": 3}, "encoder": {"gamma1": 4.0, "swapped_negatives": 1},
+                "seed": 0}
+    path = tmp_path / "damsm.ckpt.pt"
+    torch.save({"settings": {**settings, "encoder": {"swapped_negatives": 1}}, "epoch": 1},
+               path)
+    assert damsm._load_checkpoint(path, settings, 2)["epoch"] == 1
+    torch.save({"settings": {**settings, "encoder": {"gamma1": 4.0}}, "epoch": 1}, path)
+    with pytest.raises(CpganError, match="other settings"):
+        damsm._load_checkpoint(path, settings, 2)
+
+
 def test_a_file_of_another_sentence_pooling_is_refused(setup, straight, tmp_path):
     memory_file = tmp_path / "memory.h5"
     write_memory_file(memory_file, setup["vocab"], setup["memory"])
@@ -330,6 +345,18 @@ def test_cli_trains_the_ablation_beside_then_skips_and_reports(setup, tmp_path, 
     captured = capsys.readouterr()
     assert "up to date" in captured.out and "R-precision" in captured.out
     _check_variant_rows(artifacts / "models")
+    # written before a key existed: done while the key is at its default (gamma1 4.0), and
+    # retrained when it is not (the tiny config turns swapped_negatives on, default 0)
+    record_file = artifacts / "models" / "damsm-no-memory.provenance.json"
+    record = json.loads(record_file.read_text())
+    del record["params"]["encoder"]["gamma1"]
+    record_file.write_text(json.dumps(record))
+    assert _exit_code(["--stage", "damsm", *args]) == 0
+    assert "up to date" in capsys.readouterr().out
+    del record["params"]["encoder"]["swapped_negatives"]
+    record_file.write_text(json.dumps(record))
+    assert _exit_code(["--stage", "damsm", *args]) == 0
+    assert "up to date" not in capsys.readouterr().out
     assert _exit_code(["--stage", "damsm", *args[:6], "--memory", str(tmp_path / "missing.h5")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "missing.h5" in err and err.count("\n") == 1

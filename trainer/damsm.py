@@ -69,7 +69,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from cpgan import layout
-from cpgan.config import Config, DetectorConfig, EncoderConfig
+from cpgan.config import Config, DetectorConfig, EncoderConfig, config_defaults, fill_new_keys
 from cpgan.errors import CpganError
 from cpgan.model.darknet import Darknet
 from cpgan.model.image_encoder import (
@@ -467,7 +467,8 @@ def _load_checkpoint(path: Path, settings: dict[str, Any], total_epochs: int) ->
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupt zip or refused content: the same user error
         raise CpganError(f"{path}: unreadable DAMSM checkpoint ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or state.get("settings") != settings:
+    if not isinstance(state, dict) or fill_new_keys(state.get("settings"), settings,
+                                                    config_defaults("encoder")) != settings:
         raise CpganError(f"{path}: checkpoint was trained with other settings or data; "
                          "remove it (or drop --resume) to restart")
     if state["epoch"] > total_epochs:

@@ -63,7 +63,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cpgan import layout
-from cpgan.config import Config
+from cpgan.config import Config, config_defaults, fill_new_keys
 from cpgan.errors import CpganError
 from cpgan.model.discriminator import Discriminators, spectral_norm_without_batch_norm
 from cpgan.model.gan_losses import (
@@ -572,12 +572,10 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
     """The first setting (dotted key) that differs, ignoring :data:`RESUMABLE_KEYS`. A key
-    the checkpoint predates counts as its :class:`Config` default, the convention being that a
-    new key's default is the behaviour before it (``gan.d_norm = "batch"``,
-    ``encoder.captions_per_image = 1``)."""
-    old, new = _flatten(stored), _flatten(json.loads(json.dumps(current)))
-    defaults = _flatten(json.loads(json.dumps(Config().to_dict())))
-    old = {**{k: v for k, v in defaults.items() if k not in old and k in new}, **old}
+    the checkpoint predates counts as its :class:`Config` default
+    (:func:`cpgan.config.fill_new_keys`)."""
+    current = json.loads(json.dumps(current))
+    old, new = _flatten(fill_new_keys(stored, current, config_defaults())), _flatten(current)
     for key in sorted(set(old) | set(new)):
         if key not in RESUMABLE_KEYS and old.get(key) != new.get(key):
             return f"{key} = {old.get(key)!r} in the checkpoint, {new.get(key)!r} now"

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from cpgan import layout
-from cpgan.config import Config, load_config
+from cpgan.config import Config, config_defaults, fill_new_keys, load_config
 from cpgan.errors import CpganError
 from cpgan.model.generator import ConditioningAugmentation, Generator, GeneratorOutput, truncated_normal
 from cpgan.model.text_encoder import MemoryAttendedTextEncoder
@@ -98,7 +98,9 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_from_dict(values: Any, where: Path) -> Config:
     """Rebuild the typed :class:`Config` from ``Config.to_dict()`` output, every key checked
-    (an unknown key or a wrong type is an error naming ``where``)."""
+    (an unknown key or a wrong type is an error naming ``where``). A key the stored config
+    predates is its :class:`Config` default, as for a resume
+    (:func:`cpgan.config.fill_new_keys`), not the preset's value."""
     if not isinstance(values, dict) or not isinstance(values.get("preset"), str) or \
             any(not isinstance(values.get(s), dict) for s in _CONFIG_SECTIONS):
         raise CpganError(f"{where}: 'config' is not a resolved config (preset and the "
@@ -109,6 +111,8 @@ def config_from_dict(values: Any, where: Path) -> Config:
         # written before the generator and discriminators had separate learning rates
         rest["gan"] = {**{k: v for k, v in gan.items() if k != "lr"},
                        "lr_g": gan["lr"], "lr_d": gan["lr"]}
+    defaults = {k: v for k, v in config_defaults().items() if k != "preset"}
+    rest = fill_new_keys(rest, defaults, defaults)
     try:
         return load_config(values["preset"], overrides=_flatten(rest))
     except CpganError as exc:
