@@ -118,15 +118,20 @@ def test_generator_and_discriminators_take_their_own_learning_rates(setup):
     assert {group["lr"] for group in state.optimizer_d.param_groups} == {7e-4}
 
 
-def test_one_step_moves_g_and_d_and_d_alone_lowers_its_loss(setup):
-    config = setup["config"]
+def _one_step_inputs(setup, config) -> tuple:
+    """The full model's encoders, a fresh GAN state of ``config`` and a batch of 4 pairs."""
     encoders = gan.load_encoders(setup["root"], setup["vocab"], config, gan.Switches(),
                                  setup["root"] / "memory.h5", setup["detector"], None,
                                  torch.device("cpu"))
     state = gan.build_state(config, True, torch.device("cpu"))
     dataset = TextImageDataset(CocoSplit.open(setup["coco"], "train2014"), setup["vocab"],
                                config.data.max_caption_words, [8, 16], augment=False)
-    batch = collate([dataset[i] for i in range(4)])
+    return encoders, state, collate([dataset[i] for i in range(4)])
+
+
+def test_one_step_moves_g_and_d_and_d_alone_lowers_its_loss(setup):
+    config = setup["config"]
+    encoders, state, batch = _one_step_inputs(setup, config)
     g_before = [p.detach().clone() for p in state.generator.parameters()]
     d_before = [p.detach().clone() for p in state.discriminators.parameters()]
     values = gan.train_step(state, batch, encoders, config, seed=7)
@@ -356,13 +361,7 @@ def test_a_spectral_norm_step_normalises_each_weight_once_per_update(setup):
     each of the two updates computes each normalised weight once (one power iteration)."""
     config = copy.deepcopy(setup["config"])
     config.gan.d_norm = "spectral"
-    encoders = gan.load_encoders(setup["root"], setup["vocab"], config, gan.Switches(),
-                                 setup["root"] / "memory.h5", setup["detector"], None,
-                                 torch.device("cpu"))
-    state = gan.build_state(config, True, torch.device("cpu"))
-    dataset = TextImageDataset(CocoSplit.open(setup["coco"], "train2014"), setup["vocab"],
-                               config.data.max_caption_words, [8, 16], augment=False)
-    batch = collate([dataset[i] for i in range(4)])
+    encoders, state, batch = _one_step_inputs(setup, config)
     norms = [m for m in state.discriminators.modules()
              if type(m).__name__ == "_SpectralNorm"]
     calls = []
