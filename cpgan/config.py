@@ -152,6 +152,18 @@ def config_defaults(*sections: str) -> dict[str, Any]:
     return {k: v for k, v in defaults.items() if not sections or k in sections}
 
 
+def dotted_keys(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as one level of dotted keys (``{"gan": {"lr_g": x}}`` ->
+    ``{"gan.lr_g": x}``), the form of :func:`load_config`'s ``overrides``."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def fill_new_keys(stored: Any, current: Any, defaults: Any) -> Any:
     """``stored`` (a recorded config or stage parameters) with every key that ``current`` has
     and ``stored`` predates taken from ``defaults``, at any depth of nested dicts.

@@ -252,8 +252,7 @@ def test_learning_rate_decays_per_epoch_until_below_a_tenth():
     assert damsm.epoch_lr(1e-3, 9, 1.0) == 1e-3
 
 
-def test_a_checkpoint_from_before_a_key_resumes_while_the_key_is_at_its_default(setup,
-                                                                               tmp_path):
+def test_a_checkpoint_from_before_a_key_resumes_while_the_key_is_at_its_default(tmp_path):
     """--resume across an upgrade that added an encoder key: accepted while the key is at
     its default, refused once it is not (the tiny config's swapped_negatives = 1)."""
     settings = {"model": {"vocab_size": 3}, "encoder": {"gamma1": 4.0, "swapped_negatives": 1},

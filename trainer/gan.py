@@ -63,7 +63,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cpgan import layout
-from cpgan.config import Config, config_defaults, fill_new_keys
+from cpgan.config import Config, config_defaults, dotted_keys, fill_new_keys
 from cpgan.errors import CpganError
 from cpgan.model.discriminator import Discriminators, spectral_norm_without_batch_norm
 from cpgan.model.gan_losses import (
@@ -343,11 +343,9 @@ def generator_step(state: GanState, output: GeneratorOutput, text: TextFeatures,
     """One Adam step of the generator; the discriminators are frozen meanwhile (and called
     unwrapped, so DistributedDataParallel never sees a backward it did not prepare)."""
     state.discriminators.requires_grad_(False)
-    with parametrize.cached():
-        total, parts = generator_objective(state.discriminators, output, text, image_encoder,
-                                           config)
-        state.optimizer_g.zero_grad(set_to_none=True)
-        total.backward()
+    total, parts = generator_objective(state.discriminators, output, text, image_encoder, config)
+    state.optimizer_g.zero_grad(set_to_none=True)
+    total.backward()
     state.optimizer_g.step()
     state.discriminators.requires_grad_(True)
     return {"loss_g": total.item(), **{k: v.item() for k, v in parts.items()}}
@@ -561,21 +559,12 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return data
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        flat: dict[str, Any] = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: value}
-
-
 def config_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
     """The first setting (dotted key) that differs, ignoring :data:`RESUMABLE_KEYS`. A key
     the checkpoint predates counts as its :class:`Config` default
     (:func:`cpgan.config.fill_new_keys`)."""
     current = json.loads(json.dumps(current))
-    old, new = _flatten(fill_new_keys(stored, current, config_defaults())), _flatten(current)
+    old, new = dotted_keys(fill_new_keys(stored, current, config_defaults())), dotted_keys(current)
     for key in sorted(set(old) | set(new)):
         if key not in RESUMABLE_KEYS and old.get(key) != new.get(key):
             return f"{key} = {old.get(key)!r} in the checkpoint, {new.get(key)!r} now"

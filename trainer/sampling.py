@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from cpgan import layout
-from cpgan.config import Config, config_defaults, fill_new_keys, load_config
+from cpgan.config import (Config, config_defaults, dotted_keys, fill_new_keys,
+                          load_config)
 from cpgan.errors import CpganError
 from cpgan.model.generator import ConditioningAugmentation, Generator, GeneratorOutput, truncated_normal
 from cpgan.model.text_encoder import MemoryAttendedTextEncoder
@@ -86,16 +87,6 @@ class GanCheckpoint:
                 "encoders": self.encoders, "memory": self.memory}
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_from_dict(values: Any, where: Path) -> Config:
     """Rebuild the typed :class:`Config` from ``Config.to_dict()`` output, every key checked
     (an unknown key or a wrong type is an error naming ``where``). A key the stored config
@@ -114,7 +105,7 @@ def config_from_dict(values: Any, where: Path) -> Config:
     defaults = {k: v for k, v in config_defaults().items() if k != "preset"}
     rest = fill_new_keys(rest, defaults, defaults)
     try:
-        return load_config(values["preset"], overrides=_flatten(rest))
+        return load_config(values["preset"], overrides=dotted_keys(rest))
     except CpganError as exc:
         raise CpganError(f"{where}: its config is not usable ({exc})") from None
 
