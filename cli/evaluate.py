@@ -18,6 +18,7 @@ import click
 from cpgan import layout
 from cpgan.cli.common import RunContext, common_options, report_errors
 from cpgan.cli.evaluate_tools import fit_classifier
+from cpgan.errors import CpganError
 from cpgan.pipeline import artifacts
 
 SPLITS = ("val2014",)
@@ -69,6 +70,10 @@ DEFAULT_BATCH = 50
 @click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where report.json and index.html go (default: <artifacts>/report). Only "
               "the default folder is the eval stage's record that 'cpgan-prep status' shows.")
+@click.option("--stage", type=click.IntRange(min=0), default=None,
+              help="Score stage K's images (0: the first) instead of the last stage's, "
+              "enlarged to the final size, with the real images shrunk to that stage's size "
+              "and back. Needs --report-dir: the main report stays the last stage's.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Image-decoding loader processes.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -78,7 +83,8 @@ def cli(run: RunContext, checkpoint_path: Path | None, split: str, num_images: i
         batch_size: int, device: str, seed: int | None, scoring_weights: Path | None,
         inception_weights: Path | None, fid_weights: Path | None,
         detector_weights: Path | None, rprecision_encoders: Path | None,
-        report_dir: Path | None, workers: int, threads: int | None) -> None:
+        report_dir: Path | None, stage: int | None, workers: int,
+        threads: int | None) -> None:
     """Evaluate a trained CPGAN: IS, FID, R-precision and SOA of generated, real and
     untrained-generator images, side by side.
 
@@ -90,6 +96,8 @@ def cli(run: RunContext, checkpoint_path: Path | None, split: str, num_images: i
     """
     if click.get_current_context().invoked_subcommand is not None:
         return
+    if stage is not None and report_dir is None:
+        raise CpganError("--stage needs --report-dir: the main report stays the last stage's")
     if report_dir is None and _report_is_current(
             run, checkpoint_path, split, num_images, batch_size, seed, scoring_weights,
             inception_weights, fid_weights, detector_weights, rprecision_encoders):
@@ -103,14 +111,15 @@ def cli(run: RunContext, checkpoint_path: Path | None, split: str, num_images: i
     torch.set_num_threads(choose_threads(threads))
     _evaluate(run, checkpoint_path, split, num_images, batch_size, device, seed,
               scoring_weights, inception_weights, fid_weights, detector_weights,
-              rprecision_encoders, report_dir, workers)
+              rprecision_encoders, report_dir, workers, stage)
 
 
 def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
               num_images: int | None, batch_size: int, device: str, seed: int | None,
               scoring_weights: Path | None, inception_weights: Path | None,
               fid_weights: Path | None, detector_weights: Path | None,
-              rprecision_encoders: Path | None, report_dir: Path | None, workers: int) -> None:
+              rprecision_encoders: Path | None, report_dir: Path | None, workers: int,
+              stage: int | None = None) -> None:
     from cpgan.pipeline.coco import CocoSplit
     from cpgan.pipeline.report import METRICS_LOG, REPORT_DIR, ReportInputs, write_report
     from cpgan.trainer.evaluate import (
@@ -144,7 +153,7 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
         return
     models = load_eval_models(checkpoint, files, split, seed, device)
     record_inputs = record_inputs or files.inputs(checkpoint, split, models.scoring)
-    options = EvalOptions(num_images, batch_size, seed, device, workers)
+    options = EvalOptions(num_images, batch_size, seed, device, workers, stage=stage)
     evaluation = evaluate(models, split, options)
     evaluation.report["encoders"] = pretrained_variants(models_dir)
     folder = root / REPORT_DIR if staged else report_dir
@@ -158,7 +167,8 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
     if staged:
         artifacts.write_record(root, "eval", config=config.to_dict(), params=params,
                                inputs=record_inputs, outputs=written, summary=summary)
-    click.echo(f"cpgan-eval [{checkpoint.run_name} step {checkpoint.step}]: "
+    scored = "" if stage is None else f" stage {stage}"
+    click.echo(f"cpgan-eval [{checkpoint.run_name} step {checkpoint.step}{scored}]: "
                f"{report['config']['num_images']} pairs in {report['config']['seconds']:.0f} s; "
                f"{summary_line(report)} -> {folder / 'index.html'}")
 

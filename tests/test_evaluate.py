@@ -272,6 +272,53 @@ def test_a_one_stage_generator_has_no_attention_pictures(tmp_path: Path):
     assert all((tmp_path / name).is_file() for name in names)
 
 
+def test_scored_images_show_every_block_at_the_stage_resolution():
+    """--stage K: the generated and untrained images of stage K enlarged to the final size;
+    the real ones shrunk to that size as the real pyramid is, then enlarged back."""
+    import torch.nn.functional as F
+    from cpgan.model.generator import GeneratorOutput
+
+    def output(seed: int) -> GeneratorOutput:
+        g = torch.Generator().manual_seed(seed)
+        images = [torch.rand(2, 3, s, s, generator=g) * 2 - 1 for s in (8, 16, 32)]
+        return GeneratorOutput(images, [], torch.zeros(2, 4), torch.zeros(2, 4))
+
+    out, untrained, real = output(0), output(1), torch.rand(2, 3, 32, 32) * 2 - 1
+    last = evaluate.scored_images(out, untrained, real, None)
+    assert last["generated"] is out.images[-1] and last["real"] is real
+    assert all(torch.equal(a, b) for a, b in zip(
+        evaluate.scored_images(out, untrained, real, 2).values(), last.values()))
+    first = evaluate.scored_images(out, untrained, real, 0)
+    up = dict(size=(32, 32), mode="bilinear", align_corners=False)
+    assert torch.equal(first["generated"], F.interpolate(out.images[0], **up))
+    assert torch.equal(first["untrained"], F.interpolate(untrained.images[0], **up))
+    shrunk = F.interpolate(real, size=(8, 8), mode="bilinear", align_corners=False,
+                           antialias=True)
+    assert torch.equal(first["real"], F.interpolate(shrunk, **up))
+    # an 8-px view of random pixels keeps little of their detail
+    assert (first["real"] - real).abs().mean() > 0.2
+
+
+def test_stage_option_scores_an_earlier_stage_beside_the_main_report(run: Setup,
+                                                                     evaluated: dict,
+                                                                     tmp_path: Path, capsys):
+    record_before = artifacts.read_record(run.artifacts, "eval")
+    folder = tmp_path / "stage0"
+    result = CliRunner().invoke(eval_cli, _args(run, "--stage", "0", "--report-dir",
+                                                str(folder)))
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "cpgan-eval [cpgan step 40 stage 0]" in result.output
+    report = json.loads((folder / "report.json").read_text())
+    assert report["config"]["stage"] == {"index": 0, "size": 8}
+    assert evaluated["config"]["stage"] == {"index": 2, "size": 32}
+    for block in ("generated", "real"):  # other images, so other figures
+        assert report[block]["fid"] != pytest.approx(evaluated[block]["fid"], rel=1e-3)
+    assert artifacts.read_record(run.artifacts, "eval") == record_before
+    assert "--report-dir" in _error(run, capsys, "--stage", "0")
+    assert "stages 0 to 2" in _error(run, capsys, "--stage", "3", "--report-dir",
+                                     str(tmp_path / "none"))
+
+
 def _other_encoders(run: Setup) -> Path:
     """The run's encoder file with every learned weight redrawn: another R-precision ruler."""
     source = run.artifacts / sampling.read_checkpoint(run.checkpoint).encoders

@@ -29,6 +29,12 @@ The pairs are exactly those of :class:`~cpgan.trainer.data.TextImageDataset` wit
 * SOA-C / SOA-I (Hinz et al.) with the project's detector (``models/detector.pt``) on the
   images whose caption names a detector class (toy: the shape words, synonyms and plurals).
 
+``--stage K`` scores stage K's images instead of the last stage's (0: the first, 16 px for
+the toy preset), to tell which stage fails: the generated and untrained images are enlarged to
+the final size (bilinear) for the 64-px scorers, and the real ones are shrunk to the stage's
+size as the trainer's real pyramid is (antialiased bilinear) and enlarged back, so the real
+block is the ceiling at that resolution and FID compares like with like.
+
 Everything streams: per batch, the images are scored and only their class probabilities, pool
 features, f and detected classes are kept, so memory grows with the number of images by a
 few kilobytes each, never by the images themselves.
@@ -43,13 +49,14 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from cpgan.errors import CpganError
 from cpgan.layout import MEMORY_NAME, VOCAB_NAME
 from cpgan.model.darknet import Darknet
-from cpgan.model.generator import Generator
+from cpgan.model.generator import Generator, GeneratorOutput
 from cpgan.model.image_encoder import ObjectAwareImageEncoder
 from cpgan.model.metrics import (
     CANDIDATES,
@@ -351,6 +358,7 @@ class EvalOptions:
     progress: bool = True
     showcase: int = SHOWCASE
     attention_examples: int = ATTENTION_EXAMPLES
+    stage: int | None = None  # score this stage's images (None: the last stage's)
 
 
 @dataclass
@@ -408,8 +416,7 @@ def _stream(models: EvalModels, split: CocoSplit, options: EvalOptions,
             indices = batch.indices.tolist()
             out = generate(models.generator, text, options.seed, indices, truncation)
             untrained = generate(models.untrained, text, options.seed, indices, truncation)
-            images = {"generated": out.images[-1], "real": batch.images[-1],
-                      "untrained": untrained.images[-1]}
+            images = scored_images(out, untrained, batch.images[-1], options.stage)
             for block, batch_images in images.items():
                 stream.scored[block].add(models, batch_images)
             texts = _caption_texts(split, batch.image_ids, batch.caption_ids)
@@ -419,6 +426,32 @@ def _stream(models: EvalModels, split: CocoSplit, options: EvalOptions,
                           out.attention)
             bar.update(len(batch) + len(batch.failed))
     return stream, collector, len(dataset)
+
+
+def _enlarge(images: Tensor, size: int) -> Tensor:
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def scored_images(out: GeneratorOutput, untrained: GeneratorOutput, real: Tensor,
+                  stage: int | None) -> dict[str, Tensor]:
+    """The images each block scores: the last stage's, or stage ``stage``'s, with every block
+    seen at that stage's resolution and shown at the final size (the module docstring)."""
+    if stage is None:
+        return {"generated": out.images[-1], "real": real, "untrained": untrained.images[-1]}
+    final, size = real.shape[-1], out.images[stage].shape[-1]
+    shrunk = real if size == final else F.interpolate(
+        real, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return {"generated": _enlarge(out.images[stage], final), "real": _enlarge(shrunk, final),
+            "untrained": _enlarge(untrained.images[stage], final)}
+
+
+def check_stage(stage: int | None, stages: int, checkpoint: Path) -> None:
+    """Refuse a stage the run's generator does not have."""
+    if stage is not None and not 0 <= stage < stages:
+        raise CpganError(f"{checkpoint}: --stage {stage}, but the generator has stages 0 to "
+                         f"{stages - 1}")
 
 
 def _scored_sentences(models: EvalModels, text: EncodedText, batch: Any) -> Tensor:
@@ -512,6 +545,7 @@ def evaluate(models: EvalModels, split: CocoSplit, options: EvalOptions) -> Eval
     from cpgan.pipeline.categories import category_words
 
     start = time.perf_counter()
+    check_stage(options.stage, models.checkpoint.config.gan.stages, models.checkpoint.path)
     words = category_words(split)
     stream, collector, requested = _stream(models, split, options, words)
     count = len(stream.expected)
@@ -551,6 +585,7 @@ def _config_block(models: EvalModels, split: CocoSplit, options: EvalOptions,
         "failed_images": len(stream.failures), "seed": options.seed,
         "caption_seed": checkpoint.config.seed, "batch_size": options.batch_size,
         "device": options.device, "image_size": final_size(checkpoint.config),
+        "stage": _stage_block(checkpoint.config, options.stage),
         "truncation": checkpoint.config.gan.truncation,
         "generator": "generator_ema, eval mode, conditioning augmentation sampled",
         "untrained_seed": models.untrained_seed,
@@ -563,6 +598,12 @@ def _config_block(models: EvalModels, split: CocoSplit, options: EvalOptions,
         **protocol.describe(), "preset": checkpoint.config.preset,
         "seconds": round(seconds, 1), "threads": torch.get_num_threads(),
     }
+
+
+def _stage_block(config: Any, stage: int | None) -> dict[str, int]:
+    """Which stage's images were scored, and at what size they were drawn."""
+    index = config.gan.stages - 1 if stage is None else stage
+    return {"index": index, "size": config.gan.base_size * 2 ** index}
 
 
 def summary_line(report: dict[str, Any]) -> str:
