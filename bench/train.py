@@ -18,9 +18,10 @@ every model built directly with random weights (no file needed):
     .venv/bin/python bench/train.py [--threads 2] [--seconds 20] [--presets paper,toy]
 
 With ``--device cuda`` (issue 7's GPU figure: ``--paper-batch 72``) everything runs on the
-GPU, each timed step ends with a synchronise, and each preset also reports the peak memory
-the caching allocator held for the step (``torch.cuda.max_memory_allocated``, reset after
-building the models). The compute limit there is a large square matmul in plain float32
+GPU, the timed steps end with a synchronise, and each preset also reports the peak memory of
+its tensors over the warm-up, counted and timed steps (``torch.cuda.max_memory_allocated``,
+reset after building the models, whose own share is ``models_gib``) and what the caching
+allocator reserved (``max_memory_reserved``; the cache is emptied between presets). The compute limit there is a large square matmul in plain float32
 and in TF32 (``torch.backends.cuda.matmul.allow_tf32``, off by default in PyTorch, so the
 step's own matmuls are plain float32 while cuDNN's convolutions may use TF32 by default):
 the step's fraction is given against both. CPU seconds mean nothing on a GPU and are left out.
@@ -131,6 +132,7 @@ def measure(preset: str, batch_size: int | None, seconds: float, vocab_size: int
     state = gan.build_state(config, True, device)
     batch = random_batch(config, batch_size, vocab_size)
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # else the previous preset's cache counts as reserved here
         torch.cuda.reset_peak_memory_stats(device)
         models_bytes = torch.cuda.memory_allocated(device)
     gan.train_step(state, batch, encoders, config, seed=0)  # warm-up
@@ -159,7 +161,8 @@ def measure(preset: str, batch_size: int | None, seconds: float, vocab_size: int
         row["achieved_gflop_per_cpu_s"] = round(flops / 1e9 / cpu_seconds, 2)
     else:
         gib = 2**30
-        row["models_gib"] = round(models_bytes / gib, 2)  # weights, Adam state, EMA, encoders
+        # weights, the EMA copy and the encoders; Adam's state is made at the first step
+        row["models_gib"] = round(models_bytes / gib, 2)
         row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / gib, 2)
         row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / gib, 2)
     return row
