@@ -361,13 +361,23 @@ def encoders_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _stage_title(config: dict[str, Any]) -> str:
+    """', stage 0 (8 px images, shown at 32 px)' when cpgan-eval --stage scored an earlier
+    stage (its real images were shrunk to that size and back); '' for the last stage."""
+    stage = config.get("stage")
+    if not isinstance(stage, dict) or stage.get("size") == config.get("image_size"):
+        return ""
+    return (f", stage {stage.get('index')} ({stage.get('size')} px images, shown at "
+            f"{config.get('image_size')} px; real images shrunk to {stage.get('size')} px)")
+
+
 def render_html(report: dict[str, Any], pictures: Sequence[Picture],
                 notes: Sequence[str]) -> str:
     """The whole index.html: title, metrics table, notes, pictures, the config block."""
     config = report["config"]
     run = config.get("checkpoint", {})
     title = (f"CPGAN evaluation: {run.get('run', '?')} at step {run.get('step', '?')} "
-             f"(epoch {run.get('epoch', '?')})")
+             f"(epoch {run.get('epoch', '?')})") + _stage_title(config)
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
              f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",

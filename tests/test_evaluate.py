@@ -311,6 +311,8 @@ def test_stage_option_scores_an_earlier_stage_beside_the_main_report(run: Setup,
     report = json.loads((folder / "report.json").read_text())
     assert report["config"]["stage"] == {"index": 0, "size": 8}
     assert evaluated["config"]["stage"] == {"index": 2, "size": 32}
+    assert "stage 0 (8 px images, shown at 32 px" in (folder / "index.html").read_text()
+    assert "stage" not in (run.artifacts / "report" / "index.html").read_text().split("</h1>")[0]
     for block in ("generated", "real"):  # other images, so other figures
         assert report[block]["fid"] != pytest.approx(evaluated[block]["fid"], rel=1e-3)
     assert artifacts.read_record(run.artifacts, "eval") == record_before
