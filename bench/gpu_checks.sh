@@ -6,8 +6,8 @@
 #  2. the toy GAN trained on the GPU from a finished demo's artifacts, three runs at once
 #     (the preset at seeds 0 and 1, and the preset before session 12: BN discriminators,
 #     TISCL weight 20), each trained in segments (SCHEDULE, cumulative epochs, resumed) and
-#     scored by cpgan-eval after each: how SOA-C and R-precision move with up to 10 times the
-#     demo's 3 epochs, until GAN_SECONDS run out.
+#     scored by cpgan-eval after each, the last stage and the first (--stage 0): how SOA-C
+#     and R-precision move with up to 10 times the demo's 3 epochs, until GAN_SECONDS run out.
 #
 # Here, pack what part 2 reads from a finished demo (toy-coco/, vocab.json, memory.h5 and
 # models/{damsm,damsm-no-memory,detector,classifier}.pt with their records; about 43 MB):
@@ -95,6 +95,13 @@ chain() {  # chain NAME CONFIG: train to each cumulative epoch count, evaluate a
             --device "$DEVICE" --workers 2 $EVAL_EXTRA > "$work/$name-$epochs.eval.log" 2>&1 \
             || { echo "$name: evaluation failed:"; tail -c 1500 "$work/$name-$epochs.eval.log"; return; }
         tail -n 1 "$work/$name-$epochs.eval.log"
+        # the first stage too: does it learn to draw the caption with more steps? (RESULTS.md)
+        # shellcheck disable=SC2086
+        $PY -c "from cpgan.cli.evaluate import main; main()" --artifacts "$A" --config "$cfg" \
+            --checkpoint "$A/runs/$name/checkpoint.pt" --stage 0 \
+            --report-dir "$work/report-$name-$epochs-stage0" --device "$DEVICE" --workers 2 \
+            $EVAL_EXTRA > "$work/$name-$epochs.stage0.log" 2>&1
+        tail -n 1 "$work/$name-$epochs.stage0.log"
         resume=--resume
     done
 }
