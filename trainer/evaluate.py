@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from cpgan.config import Config
 from cpgan.errors import CpganError
 from cpgan.layout import MEMORY_NAME, VOCAB_NAME
 from cpgan.model.darknet import Darknet
@@ -75,6 +76,7 @@ from cpgan.model.text_encoder import MemoryAttendedTextEncoder
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.report import AttentionExample, Showcase
 from cpgan.pipeline.text import Vocabulary
+from cpgan.trainer.data import multi_resolution_sizes
 from cpgan.trainer.sampling import (
     EncodedText,
     GanCheckpoint,
@@ -600,10 +602,11 @@ def _config_block(models: EvalModels, split: CocoSplit, options: EvalOptions,
     }
 
 
-def _stage_block(config: Any, stage: int | None) -> dict[str, int]:
+def _stage_block(config: Config, stage: int | None) -> dict[str, int]:
     """Which stage's images were scored, and at what size they were drawn."""
-    index = config.gan.stages - 1 if stage is None else stage
-    return {"index": index, "size": config.gan.base_size * 2 ** index}
+    sizes = multi_resolution_sizes(config.gan.base_size, config.gan.stages)
+    index = len(sizes) - 1 if stage is None else stage
+    return {"index": index, "size": sizes[index]}
 
 
 def summary_line(report: dict[str, Any]) -> str:
