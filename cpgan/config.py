@@ -93,6 +93,8 @@ class EncoderConfig:
                                   # width for "classifier"
     sentence_pooling: str = "last"  # s from the Bi-LSTM: "last" (final states, AttnGAN) or "max"
     random_crop: bool = True      # AttnGAN's random 64/76 crop in pretraining (else flips only)
+    mirror_captions: bool = False  # swap left and right in a flipped view's captions (False:
+                                   # AttnGAN, whose flips leave them; trainer/data.py)
     grad_clip: float = 0.25       # AttnGAN's RNN_GRAD_CLIP on the text encoder
     text_dropout: float = 0.5     # on the LSTM inputs f_i, as AttnGAN's RNN_ENCODER
     average_decay: float = 0.0    # EMA of the encoders' weights, evaluated and published (0: none,
@@ -102,6 +104,8 @@ class EncoderConfig:
     swapped_negatives: int = 0    # captions made false by one swapped word, per caption, as
                                   # extra sentence-level negatives (0: AttnGAN;
                                   # trainer/negatives.py)
+    swapped_words: str = "all"    # which words those swaps replace: "all" (object and colour
+                                  # words), "object" or "colour" (trainer/negatives.py)
 
 
 @dataclass
@@ -126,6 +130,7 @@ class GanConfig:
     beta2: float = 0.999
     tiscl_lambda: float = 50.0
     truncation: float = 2.0
+    mirror_captions: bool = False  # as encoder.mirror_captions, for the GAN's training pairs
 
 
 @dataclass

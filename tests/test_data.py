@@ -208,3 +208,29 @@ def test_other_captions_are_the_image_s_others_drawn_per_epoch(split, vocab):
     lone = _dataset(split, vocab, augment=True, seed=1)
     lone.captions[index] = [(own_id, own)]
     assert lone.other_captions(index, own_id, 2) == [own, own]
+
+
+def test_mirrored_views_have_left_and_right_swapped_in_their_captions(split, vocab):
+    left, right = vocab.id("left"), vocab.id("right")
+    dataset = _dataset(split, vocab, crop=False, mirror_captions=True)
+    plain = _dataset(split, vocab, crop=False)
+    swapped_seen = 0
+    for epoch in range(8):
+        dataset.epoch = plain.epoch = epoch
+        for index in range(len(dataset)):
+            item, same_draw = dataset[index], plain[index]
+            assert item.flipped == same_draw.flipped and item.caption_id == same_draw.caption_id
+            words = same_draw.caption.tolist()  # as written, the view's flip ignored
+            if item.flipped:
+                words = [{left: right, right: left}.get(w, w) for w in words]
+                swapped_seen += words != same_draw.caption.tolist()
+            assert item.caption.tolist() == words and item.length == same_draw.length
+    assert swapped_seen > 0  # the toy captions do say left and right
+    index = next(i for i, options in enumerate(dataset.captions)
+                 if any(left in ids for _, ids in options[1:]))
+    own_id = dataset.captions[index][0][0]
+    as_written = dataset.other_captions(index, own_id, 4)
+    mirrored = dataset.other_captions(index, own_id, 4, flipped=True)
+    assert as_written == plain.other_captions(index, own_id, 4)
+    assert mirrored == [[{left: right, right: left}.get(w, w) for w in ids] for ids in as_written]
+    assert mirrored != as_written

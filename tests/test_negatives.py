@@ -1,10 +1,13 @@
 """Captions made false by one swapped word (trainer/negatives.py)."""
 import numpy as np
+import pytest
 import torch
+
+from cpgan.errors import CpganError
 
 from cpgan.pipeline.text import Vocabulary
 from cpgan.trainer.data import pad_caption
-from cpgan.trainer.negatives import WordSwaps, swapped_captions
+from cpgan.trainer.negatives import WordSwaps, swapped_captions, words_of_kind
 
 TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>", "a", "red", "blue", "green", "circle", "ball",
           "star", "circles", "stars", "two", "on", "grass")
@@ -54,3 +57,18 @@ def test_swapped_captions_are_laid_out_per_false_copy_and_drawn_per_image_and_ep
     draws = {_words(swapped_captions(captions, lengths, indices, swaps, 1, 0, epoch)[0][0, :3]
                     .tolist()) for epoch in range(20)}
     assert len(draws) == 3  # a new draw each epoch, among the caption's three false versions
+
+
+def test_swapped_words_narrow_the_swaps_to_one_kind_of_word():
+    rng = np.random.default_rng(0)
+    caption = _ids("a red circle on grass")
+    colours = WordSwaps(VOCAB, words_of_kind(SLOTS, "colour"))
+    objects = WordSwaps(VOCAB, words_of_kind(SLOTS, "object"))
+    assert {_words(colours.swap(caption, rng)) for _ in range(40)} == {
+        "a blue circle on grass", "a green circle on grass"}
+    assert {_words(objects.swap(caption, rng)) for _ in range(40)} == {"a red star on grass"}
+    assert objects.swap(_ids("two stars"), rng) == _ids("two circles")  # plurals are objects
+    assert colours.swap(_ids("two stars"), rng) is None
+    assert words_of_kind(SLOTS, "all") == SLOTS
+    with pytest.raises(CpganError, match="swapped_words must be one of all, object, colour"):
+        words_of_kind(SLOTS, "shape")

@@ -424,6 +424,29 @@ def test_other_captions_follow_the_batch_in_the_loss_s_layout(setup):
             assert captions[k * 5 + i, lengths[k * 5 + i]:].eq(0).all()  # <pad> after the words
 
 
+def test_other_captions_of_a_mirrored_view_are_mirrored(setup):
+    """With ``mirror_captions`` a flipped view's extra captions have left and right swapped,
+    as its own caption has, so no positive in the loss is false of its view."""
+    config, vocab = setup["config"], setup["vocab"]
+    left, right = vocab.id("left"), vocab.id("right")
+    dataset = TextImageDataset(CocoSplit.open(setup["coco"], "train2014"), vocab,
+                               config.data.max_caption_words, [64], augment=True,
+                               crop=False, mirror_captions=True)
+    changed = 0
+    for epoch in range(4):
+        dataset.epoch = epoch
+        batch = collate([dataset[i] for i in range(len(dataset))])
+        captions, lengths = damsm.with_other_captions(batch, dataset, 2)
+        for row, (index, caption_id, flipped) in enumerate(
+                zip(batch.indices, batch.caption_ids, batch.flipped)):
+            (as_written,) = dataset.other_captions(int(index), int(caption_id), 1)
+            got = captions[len(batch) + row, :lengths[len(batch) + row]].tolist()
+            mirrored = [{left: right, right: left}.get(w, w) for w in as_written]
+            assert got == (mirrored if flipped else as_written)
+            changed += got != as_written
+    assert changed > 0
+
+
 def test_swapped_negatives_reach_the_sentence_loss_in_training_only(setup, tmp_path,
                                                                     monkeypatch):
     """``encoder.swapped_negatives`` N: each training step scores N false captions per image,

@@ -119,6 +119,19 @@ def test_generator_and_discriminators_take_their_own_learning_rates(setup):
     assert {group["lr"] for group in state.optimizer_d.param_groups} == {7e-4}
 
 
+def test_the_training_pairs_mirror_their_captions_when_the_config_says_so(setup):
+    vocab = setup["vocab"]
+    for mirrored in (False, True):
+        config = copy.deepcopy(setup["config"])
+        config.gan.mirror_captions = mirrored
+        job = gan._Job(setup["coco"], setup["root"], config, vocab, OFF, None, None, None,
+                       "mirror", torch.device("cpu"), gan.distributed_from_env(), False, None,
+                       1, 1, 1, 0)
+        expected = {vocab.id("left"): vocab.id("right"), vocab.id("right"): vocab.id("left")}
+        assert job.dataset.mirror == (expected if mirrored else {})
+        assert job.dataset.augment
+
+
 def _one_step_inputs(setup, config) -> tuple:
     """The full model's encoders, a fresh GAN state of ``config`` and a batch of 4 pairs."""
     encoders = gan.load_encoders(setup["root"], setup["vocab"], config, gan.Switches(),

@@ -89,7 +89,7 @@ from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.text import Vocabulary
 from cpgan.trainer.averaging import WeightAverage
 from cpgan.trainer.data import Batch, TextImageDataset, batches, make_loader, pad_caption
-from cpgan.trainer.negatives import WordSwaps, swapped_captions
+from cpgan.trainer.negatives import WordSwaps, swapped_captions, words_of_kind
 from cpgan.trainer.region_cache import RegionCache, cache_bytes
 
 TRAIN_SPLIT = "train2014"
@@ -501,8 +501,9 @@ def with_other_captions(batch: Batch, dataset: TextImageDataset,
     (:meth:`TextImageDataset.other_captions`): ``[count * B, T]`` ids and ``[count * B]``
     lengths, row ``k * B + i`` the k-th caption of image i, the layout of
     ``damsm_loss(captions_per_image=count)``."""
-    extra = [dataset.other_captions(int(index), int(caption_id), count - 1)
-             for index, caption_id in zip(batch.indices, batch.caption_ids)]
+    flipped = batch.flipped if batch.flipped is not None else [False] * len(batch)
+    extra = [dataset.other_captions(int(index), int(caption_id), count - 1, bool(flip))
+             for index, caption_id, flip in zip(batch.indices, batch.caption_ids, flipped)]
     rows, lengths = [batch.captions], [batch.lengths]
     for k in range(count - 1):
         ids = [captions[k] for captions in extra]
@@ -675,7 +676,8 @@ def _datasets(coco_root: Path, config: Config, vocab: Vocabulary, limit: int | N
     size, words = config.encoder.image_size, config.data.max_caption_words
     train = TextImageDataset(CocoSplit.open(coco_root, TRAIN_SPLIT), vocab, words, [size],
                              augment=True, seed=config.seed, limit=limit,
-                             crop=config.encoder.random_crop)
+                             crop=config.encoder.random_crop,
+                             mirror_captions=config.encoder.mirror_captions)
     val = TextImageDataset(CocoSplit.open(coco_root, VAL_SPLIT), vocab, words, [size],
                            augment=False, seed=config.seed, limit=val_limit)
     for dataset, split in ((train, TRAIN_SPLIT), (val, VAL_SPLIT)):
@@ -713,7 +715,8 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
                          "'cpgan-eval fit-classifier' first (models/classifier.pt)")
     torch.manual_seed(config.seed)
     train_set, val_set = _datasets(coco_root, config, vocab, limit, val_limit)
-    swaps = (WordSwaps(vocab, swappable_words(train_set.split))
+    swaps = (WordSwaps(vocab, words_of_kind(swappable_words(train_set.split),
+                                            encoder.swapped_words))
              if encoder.swapped_negatives else None)
     regions = region_settings(detector, config.detector) if detector is not None else None
     extractor = build_region_extractor(detector, regions) if detector is not None else None

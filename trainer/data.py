@@ -12,6 +12,11 @@ One item is one image of a split with one of its captions, as AttnGAN's ``TextDa
   counterpart of the augmentation: shorter side resized to ``S``, centre ``S x S`` crop (a
   plain resize for square images such as the toy set's).
 
+A flip makes "the star is on the left of the heart" false of its image. AttnGAN flips anyway
+(COCO's captions seldom say left or right); with ``mirror_captions=True`` a mirrored view's
+captions have ``left`` and ``right`` swapped (:data:`MIRRORED_WORDS`), so that every training
+pair stays true. A fifth of the toy captions place one object left or right of another.
+
 Every random choice is a function of ``(seed, epoch, index)`` only, never of a global RNG, a
 loader worker or the batch the item lands in: ``num_workers``, interruptions and resumes do not
 change what an epoch sees.
@@ -45,13 +50,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from cpgan.errors import CpganError, ItemError
 from cpgan.pipeline.coco import CocoSplit
-from cpgan.pipeline.text import PAD_ID, Vocabulary
+from cpgan.pipeline.text import PAD_ID, UNK_ID, Vocabulary
 
 RESIZE_NUMERATOR, RESIZE_DENOMINATOR = 76, 64  # AttnGAN: Scale(int(imsize * 76 / 64))
 FLIP_PROBABILITY = 0.5
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep the epochs' draws and the evaluation draws apart
 OTHER_CAPTIONS_STREAM = 3         # the extra captions of DAMSM pretraining (2: trainer/gan.py)
 NEGATIVES_STREAM = 4              # its swapped captions (trainer/negatives.py)
+MIRRORED_WORDS = (("left", "right"),)  # words a horizontal flip turns into each other
 
 
 def multi_resolution_sizes(base_size: int, stages: int) -> tuple[int, ...]:
@@ -167,6 +173,17 @@ def pyramid(image: Tensor, sizes: Sequence[int]) -> tuple[Tensor, ...]:
 # Dataset
 
 
+def mirror_table(vocab: Vocabulary) -> dict[int, int]:
+    """Token id -> the id of its mirror image (:data:`MIRRORED_WORDS`), both ways, for the
+    pairs whose two words are in ``vocab``."""
+    table: dict[int, int] = {}
+    for first, second in MIRRORED_WORDS:
+        a, b = vocab.id(first), vocab.id(second)
+        if a != UNK_ID and b != UNK_ID:
+            table.update({a: b, b: a})
+    return table
+
+
 def pad_caption(ids: Sequence[int], max_words: int) -> Tensor:
     """``[max_words]`` long tensor: the ids, then ``<pad>``."""
     caption = torch.full((max_words,), PAD_ID, dtype=torch.long)
@@ -179,7 +196,8 @@ class TextImageDataset(Dataset):
 
     ``image_ids`` restricts the dataset (default: every captioned image of the split, in id
     order; ``limit`` keeps the first N of them). ``sizes`` are the output sizes, ascending.
-    ``crop=False`` leaves the random crop out of the training augmentation (flip only).
+    ``crop=False`` leaves the random crop out of the training augmentation (flip only);
+    ``mirror_captions=True`` swaps left and right in the captions of mirrored views.
     Set :attr:`epoch` before each epoch when ``augment`` (:func:`make_loader` does).
     """
 
@@ -194,6 +212,7 @@ class TextImageDataset(Dataset):
         image_ids: Sequence[int] | None = None,
         limit: int | None = None,
         crop: bool = True,
+        mirror_captions: bool = False,
     ) -> None:
         if max_words < 1:
             raise ValueError(f"max_words must be positive, got {max_words}")
@@ -204,6 +223,7 @@ class TextImageDataset(Dataset):
         self.sizes = tuple(int(s) for s in sizes)
         self.augment = augment
         self.crop = crop
+        self.mirror = mirror_table(vocab) if mirror_captions else {}
         self.seed = seed
         self.epoch = 0
         candidates = split.captioned_image_ids() if image_ids is None else list(image_ids)
@@ -243,15 +263,24 @@ class TextImageDataset(Dataset):
         return self._samples(index, caption_id, ids,
                              lambda image: [(eval_image(image, largest), False)])[0]
 
-    def other_captions(self, index: int, caption_id: int, count: int) -> list[list[int]]:
+    def other_captions(self, index: int, caption_id: int, count: int,
+                       flipped: bool = False) -> list[list[int]]:
         """``count`` more captions (token ids) of image ``index`` besides ``caption_id``: its
         other captions in an order drawn per ``(seed, epoch, index)`` like every training draw,
-        repeated when it has fewer than ``count`` (its own caption when it has no other)."""
+        repeated when it has fewer than ``count`` (its own caption when it has no other);
+        mirrored as the caption of the view is (``flipped``)."""
         options = self.captions[index]
         others = [ids for cid, ids in options if cid != caption_id] or [ids for _, ids in options]
         rng = np.random.default_rng([self.seed, OTHER_CAPTIONS_STREAM, self.epoch, index])
         order = rng.permutation(len(others))
-        return [others[order[k % len(others)]] for k in range(count)]
+        return [self._oriented(others[order[k % len(others)]], flipped) for k in range(count)]
+
+    def _oriented(self, ids: list[int], flipped: bool) -> list[int]:
+        """The caption as true of the view: left and right swapped for a mirrored view when
+        the dataset mirrors captions."""
+        if not (flipped and self.mirror):
+            return ids
+        return [self.mirror.get(token, token) for token in ids]
 
     def fixed_views(self, index: int, flips: Sequence[bool]) -> list[Sample]:
         """Image ``index`` decoded once, as :func:`eval_image`'s view mirrored or not per entry
@@ -267,12 +296,13 @@ class TextImageDataset(Dataset):
         """Decode image ``index`` and make one sample per ``(view, flipped)`` of ``views``; one
         failed sample if it cannot be decoded."""
         image_id = self.image_ids[index]
-        caption = pad_caption(ids, self.max_words)
         try:
             rgb = self.split.load_image(image_id)
         except ItemError as err:
-            return [Sample(index, image_id, caption_id, None, caption, len(ids), str(err))]
-        return [Sample(index, image_id, caption_id, pyramid(view, self.sizes), caption, len(ids),
+            return [Sample(index, image_id, caption_id, None, pad_caption(ids, self.max_words),
+                           len(ids), str(err))]
+        return [Sample(index, image_id, caption_id, pyramid(view, self.sizes),
+                       pad_caption(self._oriented(ids, flipped), self.max_words), len(ids),
                        flipped=flipped)
                 for view, flipped in views(to_unit_tensor(rgb))]
 

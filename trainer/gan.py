@@ -797,7 +797,8 @@ class _Job:
         sizes = multi_resolution_sizes(g.base_size, g.stages)
         self.dataset = TextImageDataset(CocoSplit.open(coco_root, TRAIN_SPLIT), vocab,
                                         config.data.max_caption_words, sizes, augment=True,
-                                        seed=config.seed, limit=limit)
+                                        seed=config.seed, limit=limit,
+                                        mirror_captions=g.mirror_captions)
         spe = steps_per_epoch(len(self.dataset), g.batch_size, context.world_size)
         if spe < 1:
             raise CpganError(f"{coco_root}: {len(self.dataset)} captioned train images give no "

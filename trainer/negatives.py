@@ -11,7 +11,8 @@ circle" -> "a red star", "a blue star"), scored against its own image only
 
 Which words may swap is :func:`cpgan.pipeline.categories.swappable_words`: a synonym ("box" for
 "square") would leave the caption true, so it never replaces a word of its category, and
-plurals only replace plurals. Draws are seeded per (seed, epoch, image index), like every
+plurals only replace plurals. ``encoder.swapped_words`` narrows the swaps to one kind of word
+(:data:`SWAP_KINDS`). Draws are seeded per (seed, epoch, image index), like every
 other training draw, so a resumed run sees the same negatives.
 """
 from __future__ import annotations
@@ -22,8 +23,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cpgan.errors import CpganError
 from cpgan.pipeline.text import UNK_ID, Vocabulary
 from cpgan.trainer.data import NEGATIVES_STREAM
+
+SWAP_KINDS: dict[str, tuple[str, ...]] = {
+    "all": ("object", "objects", "colour"),
+    "object": ("object", "objects"),
+    "colour": ("colour",),
+}
+"""``encoder.swapped_words`` -> the slots of :func:`cpgan.pipeline.categories.swappable_words`
+whose words may be swapped."""
+
+
+def words_of_kind(words: dict[str, tuple[str, str]], kind: str) -> dict[str, tuple[str, str]]:
+    """The entries of ``words`` (word -> (slot, value)) whose slot ``kind`` swaps."""
+    if kind not in SWAP_KINDS:
+        raise CpganError(f"encoder.swapped_words must be one of {', '.join(SWAP_KINDS)}, "
+                         f"got {kind!r}")
+    return {word: entry for word, entry in words.items() if entry[0] in SWAP_KINDS[kind]}
 
 
 class WordSwaps:
