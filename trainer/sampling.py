@@ -38,6 +38,7 @@ from cpgan.errors import CpganError
 from cpgan.model.generator import ConditioningAugmentation, Generator, GeneratorOutput, truncated_normal
 from cpgan.model.text_encoder import MemoryAttendedTextEncoder
 from cpgan.pipeline.text import PAD_ID, UNK_ID, Vocabulary, tokenize
+from cpgan.trainer.data import multi_resolution_sizes
 
 FORMAT = 1
 KIND = "cpgan-gan"
@@ -391,7 +392,7 @@ def to_uint8(images: Tensor) -> np.ndarray:
 
 def final_size(config: Config) -> int:
     """Side of the last stage's images (toy 64, paper 256)."""
-    return config.gan.base_size * 2 ** (config.gan.stages - 1)
+    return multi_resolution_sizes(config.gan.base_size, config.gan.stages)[-1]
 
 
 # --------------------------------------------------------------------------------------------
