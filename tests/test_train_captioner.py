@@ -1,6 +1,7 @@
 """train-attention: the Up-Down captioner learns from region shards; checkpoints resume exactly."""
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -180,6 +181,22 @@ def test_resume_continues_exactly(data, trained, tmp_path):
         assert torch.equal(ours["optimizer"]["state"][key]["exp_avg"], value["exp_avg"])
     with pytest.raises(CpganError, match="other settings"):
         _train(data, models, epochs=4, batch_size=4, resume=True)
+
+
+def test_a_setting_the_checkpoint_predates_counts_as_its_default(data, tmp_path):
+    """A checkpoint written before ``attention.grad_clip`` existed resumes when the run keeps
+    the default, and is refused when the run sets something else."""
+    models = tmp_path / "models"
+    default = replace(CONFIG, grad_clip=AttentionConfig().grad_clip)
+    train = partial(train_captioner, data["regions"], models, data["train"], data["val"],
+                    data["vocab"], max_words=MAX_WORDS, progress=False)
+    train(default, epochs=1)
+    state = torch.load(models / CHECKPOINT_NAME, weights_only=True)
+    del state["settings"]["config"]["grad_clip"]
+    torch.save(state, models / CHECKPOINT_NAME)
+    with pytest.raises(CpganError, match="other settings"):
+        train(CONFIG, epochs=2, resume=True)
+    assert train(default, epochs=2, resume=True)["epochs"] == 2
 
 
 def test_missing_val_shards_is_a_clear_error(data, tmp_path):

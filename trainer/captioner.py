@@ -49,7 +49,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from cpgan import layout
-from cpgan.config import AttentionConfig
+from cpgan.config import AttentionConfig, config_defaults, fill_new_keys
 from cpgan.errors import CpganError
 from cpgan.model.butd import (
     BOS_ID,
@@ -405,13 +405,20 @@ class TrainState:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
+def _with_new_keys(stored: Any, settings: dict[str, Any]) -> Any:
+    """A checkpoint's ``settings`` with the ``attention`` keys it predates at their defaults
+    (:func:`cpgan.config.fill_new_keys`), so an upgrade of the code does not strand a resume."""
+    defaults = config_defaults("attention")["attention"]
+    return fill_new_keys(stored, settings, {"config": defaults})
+
+
 def _load_checkpoint(path: Path, settings: dict[str, Any], total_epochs: int) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt zip or refused content: the same user error
         raise CpganError(f"{path}: unreadable captioner checkpoint "
                          f"({type(exc).__name__})") from None
-    if not isinstance(state, dict) or state.get("settings") != settings:
+    if not isinstance(state, dict) or _with_new_keys(state.get("settings"), settings) != settings:
         raise CpganError(f"{path}: checkpoint was trained with other settings or data; "
                          "remove it (or drop --resume) to restart")
     if state["epoch"] > total_epochs:
