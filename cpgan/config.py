@@ -129,6 +129,8 @@ class GanConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     tiscl_lambda: float = 50.0
+    tiscl_gamma3: float = 0.0     # TISCL's sentence-level temperature (gamma3 of Eq. 20-24 in
+                                  # Eq. 6); 0: the encoders' own encoder.gamma3 (the paper)
     truncation: float = 2.0
     mirror_captions: bool = False  # as encoder.mirror_captions, for the GAN's training pairs
 

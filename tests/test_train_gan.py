@@ -169,6 +169,38 @@ def test_one_step_moves_g_and_d_and_d_alone_lowers_its_loss(setup):
     assert d_loss() < 0.8 * before
 
 
+def test_tiscl_takes_its_own_temperature_when_one_is_set(setup):
+    """``gan.tiscl_gamma3`` replaces gamma3 in TISCL (Eq. 6) only; 0 keeps the encoders' own."""
+    from cpgan.model.losses import damsm_loss
+
+    config = copy.deepcopy(setup["config"])
+    encoders, state, batch = _one_step_inputs(setup, config)
+    text = gan.encode_text(encoders.text, batch.captions, batch.lengths)
+    with torch.no_grad():
+        image = state.generator(gan.sample_noise(4, config, 1, torch.device("cpu")),
+                                text.sentence, text.words, text.mask).images[-1]
+        encoded = encoders.image(image)
+        e = config.encoder
+
+        def expected(gamma3: float) -> float:
+            return damsm_loss(text.words_by_dim, text.mask, text.sentence, encoded.regions,
+                              encoded.global_feature, e.gamma1, e.gamma2, gamma3,
+                              region_mask=encoded.region_mask)[0].item()
+
+        config.gan.tiscl_gamma3 = 0.0
+        own = gan.tiscl_loss(encoders.image, image, text, config).item()
+        config.gan.tiscl_gamma3 = e.gamma3 / 2
+        halved = gan.tiscl_loss(encoders.image, image, text, config).item()
+    assert own == pytest.approx(expected(e.gamma3), rel=1e-5)
+    assert halved == pytest.approx(expected(e.gamma3 / 2), rel=1e-5)
+    assert halved != pytest.approx(own, rel=1e-3)
+    config.gan.tiscl_gamma3 = -1.0
+    with pytest.raises(CpganError, match="gan.tiscl_gamma3 >= 0"):
+        gan._Job(setup["coco"], setup["root"], config, setup["vocab"], OFF, None, None, None,
+                 "negative", torch.device("cpu"), gan.distributed_from_env(), False, None,
+                 1, 1, 1, 0)
+
+
 def test_resume_after_a_kill_gives_the_same_run(setup, straight, monkeypatch):
     original = gan.train_step
 

@@ -238,11 +238,13 @@ def adversarial_loss(discriminators: Discriminators, images: list[Tensor],
 
 def tiscl_loss(image_encoder: ObjectAwareImageEncoder, image: Tensor, text: TextFeatures,
                config: Config) -> Tensor:
-    """TISCL (Eq. 6): the DAMSM loss of the frozen encoders on the last stage's image."""
+    """TISCL (Eq. 6): the DAMSM loss of the frozen encoders on the last stage's image, with
+    ``gan.tiscl_gamma3`` in place of the encoders' gamma3 when it is set (> 0)."""
     encoded = image_encoder(image)
     e = config.encoder
+    gamma3 = config.gan.tiscl_gamma3 or e.gamma3
     loss, _ = damsm_loss(text.words_by_dim, text.mask, text.sentence, encoded.regions,
-                         encoded.global_feature, e.gamma1, e.gamma2, e.gamma3,
+                         encoded.global_feature, e.gamma1, e.gamma2, gamma3,
                          region_mask=encoded.region_mask)
     return loss
 
@@ -784,10 +786,10 @@ class _Job:
                  checkpoint_every: int, sample_every: int, log_every: int,
                  num_workers: int) -> None:
         g = config.gan
-        if g.epochs < 0 or g.batch_size < 2 or min(g.lr_g, g.lr_d) <= 0:
-            raise CpganError(f"the GAN needs gan.epochs >= 0, gan.batch_size >= 2 and "
-                             f"gan.lr_g, gan.lr_d > 0, got {g.epochs}, {g.batch_size}, "
-                             f"{g.lr_g}, {g.lr_d}")
+        if g.epochs < 0 or g.batch_size < 2 or min(g.lr_g, g.lr_d) <= 0 or g.tiscl_gamma3 < 0:
+            raise CpganError(f"the GAN needs gan.epochs >= 0, gan.batch_size >= 2, "
+                             f"gan.lr_g, gan.lr_d > 0 and gan.tiscl_gamma3 >= 0, got {g.epochs}, "
+                             f"{g.batch_size}, {g.lr_g}, {g.lr_d}, {g.tiscl_gamma3}")
         self.config, self.switches, self.name = config, switches, check_run_name(name)
         self.coco_root, self.root, self.vocab = coco_root, root, vocab
         self.device, self.context, self.progress = device, context, progress and context.is_main
