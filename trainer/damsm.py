@@ -10,9 +10,10 @@ later judge generated images; the recipe is AttnGAN's ``pretrain_DAMSM.py``:
   K > 1 (the toy preset; AttnGAN has 1) each image brings K - 1 more of its own captions
   (:func:`with_other_captions`), all positives, none a negative of its own image
   (``damsm_loss(captions_per_image=K)``): the text side sees K times the captions per step for
-  the same image work. With ``encoder.swapped_negatives`` N > 0 (off in both presets and in AttnGAN)
-  each image's first caption also brings N copies with one object or colour word swapped
-  (:mod:`cpgan.trainer.negatives`), negatives of that image alone in the sentence-level loss;
+  the same image work. With ``encoder.swapped_negatives`` N > 0 (the toy preset: 1, colour
+  words only; AttnGAN and the paper preset: 0) each image's first caption also brings N copies
+  with one object or colour word swapped (:mod:`cpgan.trainer.negatives`), negatives of that
+  image alone in the sentence-level loss;
 * Adam with betas (0.5, 0.999) on every trainable parameter (MATE, the projections M_o, M_e and
   the global map, and the toy preset's backbone, which starts from the fitted scoring
   classifier; Inception and the detector stay frozen), the
