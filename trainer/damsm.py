@@ -711,6 +711,7 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
                          f"swapped_negatives >= 0, got {encoder.epochs}, {encoder.batch_size}, "
                          f"{encoder.lr}, {encoder.lr_decay}, {encoder.average_decay}, "
                          f"{encoder.captions_per_image}, {encoder.swapped_negatives}")
+    words_of_kind({}, encoder.swapped_words)  # refuse an unknown kind before any work
     if encoder.backbone == "classifier" and classifier_weights is None:
         raise CpganError("the classifier backbone starts from the toy scoring classifier: run "
                          "'cpgan-eval fit-classifier' first (models/classifier.pt)")
