@@ -473,3 +473,15 @@ def test_a_negative_count_of_swapped_negatives_is_refused(setup, tmp_path, monke
     monkeypatch.setattr(setup["config"].encoder, "swapped_negatives", -1)
     with pytest.raises(CpganError, match="swapped_negatives >= 0"):
         _train(setup, tmp_path / "bad", epochs=1)
+
+
+def test_an_unknown_kind_of_swapped_words_is_refused_before_any_work(setup, tmp_path,
+                                                                     monkeypatch):
+    """Refused even with swapped_negatives 0 (the words are then never swapped), and before
+    the trainer reads a single image: a typo must not wait for a run to need the swaps."""
+    monkeypatch.setattr(setup["config"].encoder, "swapped_negatives", 0)
+    monkeypatch.setattr(setup["config"].encoder, "swapped_words", "colours")
+    monkeypatch.setattr(damsm, "_datasets", lambda *a, **k: pytest.fail("read the data"))
+    with pytest.raises(CpganError, match="swapped_words must be one of all, object, colour"):
+        _train(setup, tmp_path / "typo", epochs=1)
+    assert not (tmp_path / "typo").exists() or not any((tmp_path / "typo").iterdir())
