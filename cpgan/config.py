@@ -133,6 +133,8 @@ class GanConfig:
                                   # Eq. 6); 0: the encoders' own encoder.gamma3 (the paper)
     truncation: float = 2.0
     mirror_captions: bool = False  # as encoder.mirror_captions, for the GAN's training pairs
+    condition_augmentation: bool = True  # c ~ N(mu(s), sigma(s)^2) with the KL term (AttnGAN,
+                                         # the paper); False: c = mu(s), no KL term (ours)
 
 
 @dataclass

@@ -269,11 +269,13 @@ class Generator(nn.Module):
         base_size: int,
         stages: int = 3,
         r_num: int = 3,
+        condition_augmentation: bool = True,
     ) -> None:
         super().__init__()
         if stages < 1:
             raise ValueError(f"stages must be >= 1, got {stages}")
         self.z_dim, self.base_size, self.stages = z_dim, base_size, stages
+        self.condition_augmentation = condition_augmentation
         self.condition = ConditioningAugmentation(text_dim, condition_dim)
         self.initial = InitialStage(z_dim, condition_dim, gf_dim, base_size)
         self.next_stages = nn.ModuleList(
@@ -296,10 +298,15 @@ class Generator(nn.Module):
         word_mask: Tensor,
         sample_condition: bool = True,
     ) -> GeneratorOutput:
-        """``z`` [B, z_dim], ``sentence`` [B, d], ``words`` [B, T, d], ``word_mask`` [B, T]."""
+        """``z`` [B, z_dim], ``sentence`` [B, d], ``words`` [B, T, d], ``word_mask`` [B, T].
+
+        A generator built with ``condition_augmentation=False`` always takes c = mu(s): it was
+        trained so, and its logvar was never fitted.
+        """
         if z.shape != (sentence.shape[0], self.z_dim):
             raise ValueError(f"z must be [B, {self.z_dim}], got {tuple(z.shape)}")
-        condition, mu, logvar = self.condition(sentence, sample=sample_condition)
+        sample = sample_condition and self.condition_augmentation
+        condition, mu, logvar = self.condition(sentence, sample=sample)
         features = self.initial(z, condition)
         images = [self.heads[0](features)]
         attention_maps = []

@@ -173,3 +173,25 @@ def test_generator_shapes_at_paper_size() -> None:
         out = gen(truncated_normal((1, 100)), torch.randn(1, 256), words, torch.ones(1, 18).bool())
     assert [tuple(i.shape) for i in out.images] == [(1, 3, s, s) for s in (64, 128, 256)]
     assert [tuple(a.shape) for a in out.attention] == [(1, 18, 64, 64), (1, 18, 128, 128)]
+
+
+def test_without_condition_augmentation_c_is_mu_even_when_sampling_is_asked() -> None:
+    """``condition_augmentation=False``: c = mu(s) in every mode, so the global RNG (the CA
+    noise) changes nothing; with it (AttnGAN), the same call draws another c."""
+    sentence, words, mask = _text()
+    z = truncated_normal((B, Z), generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    plain = Generator(TEXT, Z, COND, GF, BASE, stages=3, r_num=R_NUM,
+                      condition_augmentation=False).eval()
+    torch.manual_seed(0)
+    augmented = _generator().eval()  # the same weights, drawn from the same seed
+    torch.manual_seed(1)
+    first = plain(z, sentence, words, mask)
+    torch.manual_seed(2)
+    second = plain(z, sentence, words, mask)
+    deterministic = augmented(z, sentence, words, mask, sample_condition=False)
+    for a, b, c in zip(first.images, second.images, deterministic.images):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    torch.manual_seed(1)
+    drawn = augmented(z, sentence, words, mask)
+    assert not torch.equal(drawn.images[0], first.images[0])

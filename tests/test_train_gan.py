@@ -201,6 +201,32 @@ def test_tiscl_takes_its_own_temperature_when_one_is_set(setup):
                  1, 1, 1, 0)
 
 
+def test_without_condition_augmentation_the_kl_term_leaves_the_loss(setup):
+    """``gan.condition_augmentation = false``: the generator takes c = mu(s) (built so for
+    training and for every reader of the run) and G's loss drops the KL term, which is still
+    logged; with the switch on (AttnGAN) the loss holds it at weight 1."""
+    from cpgan.trainer.sampling import build_generator
+
+    config = copy.deepcopy(setup["config"])
+    encoders, state, batch = _one_step_inputs(setup, config)
+    text = gan.encode_text(encoders.text, batch.captions, batch.lengths)
+    output = state.generator(gan.sample_noise(4, config, 1, torch.device("cpu")),
+                             text.sentence, text.words, text.mask)
+    totals = {}
+    for augmented in (True, False):
+        config.gan.condition_augmentation = augmented
+        total, parts = gan.generator_objective(state.discriminators, output, text,
+                                               encoders.image, config)
+        totals[augmented] = (total.item(), parts)
+        assert build_generator(config).condition_augmentation is augmented
+    with_kl, parts = totals[True]
+    without_kl, _ = totals[False]
+    expected = (parts["loss_g_adv"] + config.gan.tiscl_lambda * parts["loss_tiscl"]).item()
+    assert without_kl == pytest.approx(expected, rel=1e-6)
+    assert parts["loss_kl"].item() > 0
+    assert with_kl == pytest.approx(expected + gan.KL_WEIGHT * parts["loss_kl"].item(), rel=1e-6)
+
+
 def test_resume_after_a_kill_gives_the_same_run(setup, straight, monkeypatch):
     original = gan.train_step
 

@@ -11,7 +11,8 @@ One step, on a batch of real (image pyramid, caption) pairs from :mod:`cpgan.tra
 4. the generator takes one Adam step on L_G (Eq. 3-4, scored by the just-updated
    discriminators, as AttnGAN does) + lambda * TISCL (Eq. 6: the DAMSM loss of the frozen
    pretrained OAIE on the last stage's image against MATE's W and s, gamma1-3 from
-   ``config.encoder``) + the conditioning-augmentation KL term (AttnGAN's weight 1);
+   ``config.encoder``) + the conditioning-augmentation KL term (AttnGAN's weight 1; none
+   with ``gan.condition_augmentation = false``, where c = mu(s), see below);
 5. an exponential moving average of the generator's parameters is updated; samples and
    checkpoints use it as ``generator_ema``.
 
@@ -36,6 +37,13 @@ initialised (gloo on CPU, nccl on CUDA), the generator and the discriminators' E
 are wrapped in DistributedDataParallel, every epoch's order is split across ranks as
 DistributedSampler does (padded by repeating its head, rank r takes every world-th index from
 r), ``--batch-size`` is per process, and rank 0 alone writes files or prints.
+
+Conditioning augmentation. AttnGAN (and the paper, through it) draws G0's condition c from
+N(mu(s), sigma(s)^2) and adds KL(N(mu, sigma^2) || N(0, I)) to G's loss. The logged ``loss_kl``
+(a mean over c's dimensions) bounds what c can tell G of the sentence: I(c; s) <= condition_dim
+* loss_kl nats. In the toy GAN it stays near 0.005 whether the KL term weighs 1 or 0, so c is
+noise and G0 draws without knowing its caption. ``gan.condition_augmentation = false`` takes
+c = mu(s) and drops the KL term (RESULTS.md, session 15).
 
 EMA. AttnGAN keeps ``avg_param_G`` with decay 0.999. We use the same decay with the usual
 warm-up ``min(0.999, (1 + t) / (10 + t))`` so that a short run's average is not dominated by
@@ -255,8 +263,9 @@ def generator_objective(discriminators: Discriminators, output: GeneratorOutput,
     """L_G (Eq. 3-4) + lambda * TISCL (Eq. 6) + KL; the parts (detached) for logging."""
     adversarial = adversarial_loss(discriminators, output.images, text)
     tiscl = tiscl_loss(image_encoder, output.images[-1], text, config)
-    kl = kl_loss(output.mu, output.logvar)
-    total = adversarial + config.gan.tiscl_lambda * tiscl + KL_WEIGHT * kl
+    kl = kl_loss(output.mu, output.logvar)  # logged either way: it bounds what c tells of s
+    kl_weight = KL_WEIGHT if config.gan.condition_augmentation else 0.0
+    total = adversarial + config.gan.tiscl_lambda * tiscl + kl_weight * kl
     return total, {"loss_g_adv": adversarial.detach(), "loss_tiscl": tiscl.detach(),
                    "loss_kl": kl.detach()}
 

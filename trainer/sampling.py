@@ -175,7 +175,8 @@ def build_generator(config: Config) -> Generator:
     try:
         return Generator(text_dim=config.encoder.text_dim, z_dim=g.z_dim,
                          condition_dim=g.condition_dim, gf_dim=g.gf_dim, base_size=g.base_size,
-                         stages=g.stages, r_num=g.r_num)
+                         stages=g.stages, r_num=g.r_num,
+                         condition_augmentation=g.condition_augmentation)
     except ValueError as exc:
         raise CpganError(f"gan config: {exc}") from None
 
