@@ -135,6 +135,8 @@ class GanConfig:
     mirror_captions: bool = False  # as encoder.mirror_captions, for the GAN's training pairs
     condition_augmentation: bool = True  # c ~ N(mu(s), sigma(s)^2) with the KL term (AttnGAN,
                                          # the paper); False: c = mu(s), no KL term (ours)
+    tiscl_stages: str = "last"    # TISCL on the last stage's image (Eq. 6, the paper) or
+                                  # "all": the mean over every stage's, enlarged (ours)
 
 
 @dataclass

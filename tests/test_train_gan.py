@@ -227,6 +227,45 @@ def test_without_condition_augmentation_the_kl_term_leaves_the_loss(setup):
     assert with_kl == pytest.approx(expected + gan.KL_WEIGHT * parts["loss_kl"].item(), rel=1e-6)
 
 
+def test_tiscl_on_every_stage_averages_the_enlarged_images_losses(setup, monkeypatch):
+    """``gan.tiscl_stages = "all"``: the mean of Eq. 6 over every stage's image, each enlarged
+    (bilinear) to the last one's size and scored against the same captions; "last" (the paper)
+    scores the last image alone. An unknown value is refused in one line before training.
+    A stand-in encoder and loss make each stage's term a nonlinear function of its own pixels,
+    so mixing stages, skipping one or enlarging otherwise would change the result."""
+    import torch.nn.functional as F
+    from cpgan.model.image_encoder import ImageEncoding
+
+    config = copy.deepcopy(setup["config"])
+    text = gan.TextFeatures(torch.zeros(4, 8, 5), torch.zeros(4, 8), torch.ones(4, 5).bool())
+    sizes = [8, 16, 32]
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(4, 3, size, size, generator=generator) + stage
+              for stage, size in enumerate(sizes)]
+
+    def encoder(batch):
+        pooled = batch.pow(2).flatten(1).mean(dim=1, keepdim=True)  # smoothing lowers it
+        return ImageEncoding(pooled[:, :, None], pooled, torch.ones(len(batch), 1).bool(), None)
+
+    monkeypatch.setattr(gan, "_encoded_damsm_loss",
+                        lambda regions, feature, mask, text, config: feature.mean() ** 2)
+    each = [gan.tiscl_loss(encoder, F.interpolate(image, size=sizes[-1], mode="bilinear",
+                                                  align_corners=False), text, config)
+            for image in images]
+    config.gan.tiscl_stages = "all"
+    every = gan.stages_tiscl(encoder, images, text, config).item()
+    config.gan.tiscl_stages = "last"
+    last = gan.stages_tiscl(encoder, images, text, config).item()
+    assert every == pytest.approx(torch.stack(each).mean().item(), rel=1e-6)
+    assert last == pytest.approx(each[-1].item(), rel=1e-6)
+    assert every != pytest.approx(last, rel=0.1)
+    config.gan.tiscl_stages = "first"
+    with pytest.raises(CpganError, match="gan.tiscl_stages must be one of last, all"):
+        gan._Job(setup["coco"], setup["root"], config, setup["vocab"], OFF, None, None, None,
+                 "unknown", torch.device("cpu"), gan.distributed_from_env(), False, None,
+                 1, 1, 1, 0)
+
+
 def test_resume_after_a_kill_gives_the_same_run(setup, straight, monkeypatch):
     original = gan.train_step
 

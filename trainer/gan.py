@@ -11,7 +11,7 @@ One step, on a batch of real (image pyramid, caption) pairs from :mod:`cpgan.tra
 4. the generator takes one Adam step on L_G (Eq. 3-4, scored by the just-updated
    discriminators, as AttnGAN does) + lambda * TISCL (Eq. 6: the DAMSM loss of the frozen
    pretrained OAIE on the last stage's image against MATE's W and s, gamma1-3 from
-   ``config.encoder``) + the conditioning-augmentation KL term (AttnGAN's weight 1; none
+   ``config.encoder``; with ``gan.tiscl_stages = "all"``, the mean over every stage's image) + the conditioning-augmentation KL term (AttnGAN's weight 1; none
    with ``gan.condition_augmentation = false``, where c = mu(s), see below);
 5. an exponential moving average of the generator's parameters is updated; samples and
    checkpoints use it as ``generator_ema``.
@@ -65,6 +65,7 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
@@ -116,6 +117,7 @@ CHECKPOINT_KEYS = frozenset({
     "format", "kind", "config", "switches", "encoders", "memory", "vocab_size", "generator",
     "generator_ema", "discriminators", "optimizer_g", "optimizer_d", "step", "epoch",
     "finished", "rng"})
+TISCL_STAGES = ("last", "all")  # gan.tiscl_stages: which stages' images TISCL scores
 RESUMABLE_KEYS = ("gan.epochs",)  # may grow between a checkpoint and its resume
 
 
@@ -244,17 +246,42 @@ def adversarial_loss(discriminators: Discriminators, images: list[Tensor],
     return loss
 
 
-def tiscl_loss(image_encoder: ObjectAwareImageEncoder, image: Tensor, text: TextFeatures,
-               config: Config) -> Tensor:
-    """TISCL (Eq. 6): the DAMSM loss of the frozen encoders on the last stage's image, with
-    ``gan.tiscl_gamma3`` in place of the encoders' gamma3 when it is set (> 0)."""
-    encoded = image_encoder(image)
+def _encoded_damsm_loss(regions: Tensor, global_feature: Tensor, region_mask: Tensor,
+                        text: TextFeatures, config: Config) -> Tensor:
+    """The DAMSM loss of encoded images against ``text``, with ``gan.tiscl_gamma3`` in place
+    of the encoders' gamma3 when it is set (> 0)."""
     e = config.encoder
     gamma3 = config.gan.tiscl_gamma3 or e.gamma3
-    loss, _ = damsm_loss(text.words_by_dim, text.mask, text.sentence, encoded.regions,
-                         encoded.global_feature, e.gamma1, e.gamma2, gamma3,
-                         region_mask=encoded.region_mask)
+    loss, _ = damsm_loss(text.words_by_dim, text.mask, text.sentence, regions, global_feature,
+                         e.gamma1, e.gamma2, gamma3, region_mask=region_mask)
     return loss
+
+
+def tiscl_loss(image_encoder: ObjectAwareImageEncoder, image: Tensor, text: TextFeatures,
+               config: Config) -> Tensor:
+    """TISCL (Eq. 6): the DAMSM loss of the frozen encoders on one batch of images."""
+    encoded = image_encoder(image)
+    return _encoded_damsm_loss(encoded.regions, encoded.global_feature, encoded.region_mask,
+                               text, config)
+
+
+def stages_tiscl(image_encoder: ObjectAwareImageEncoder, images: list[Tensor],
+                 text: TextFeatures, config: Config) -> Tensor:
+    """TISCL of ``gan.tiscl_stages``: on the last stage's image ("last", Eq. 6 as the paper),
+    or the mean over every stage's image enlarged (bilinear) to the last one's size ("all",
+    ours: the only signal that makes the toy GAN's 16-pixel stage draw its caption; RESULTS.md,
+    session 15). The stages go through the encoder as one batch."""
+    if config.gan.tiscl_stages == "last":
+        return tiscl_loss(image_encoder, images[-1], text, config)
+    size = images[-1].shape[-2:]
+    enlarged = [image if image.shape[-2:] == size else
+                F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+                for image in images]
+    encoded = image_encoder(torch.cat(enlarged))
+    parts = zip(encoded.regions.chunk(len(images)), encoded.global_feature.chunk(len(images)),
+                encoded.region_mask.chunk(len(images)))
+    return torch.stack([_encoded_damsm_loss(regions, feature, mask, text, config)
+                        for regions, feature, mask in parts]).mean()
 
 
 def generator_objective(discriminators: Discriminators, output: GeneratorOutput,
@@ -262,7 +289,7 @@ def generator_objective(discriminators: Discriminators, output: GeneratorOutput,
                         config: Config) -> tuple[Tensor, dict[str, Tensor]]:
     """L_G (Eq. 3-4) + lambda * TISCL (Eq. 6) + KL; the parts (detached) for logging."""
     adversarial = adversarial_loss(discriminators, output.images, text)
-    tiscl = tiscl_loss(image_encoder, output.images[-1], text, config)
+    tiscl = stages_tiscl(image_encoder, output.images, text, config)
     kl = kl_loss(output.mu, output.logvar)  # logged either way: it bounds what c tells of s
     kl_weight = KL_WEIGHT if config.gan.condition_augmentation else 0.0
     total = adversarial + config.gan.tiscl_lambda * tiscl + kl_weight * kl
@@ -795,6 +822,9 @@ class _Job:
                  checkpoint_every: int, sample_every: int, log_every: int,
                  num_workers: int) -> None:
         g = config.gan
+        if g.tiscl_stages not in TISCL_STAGES:
+            raise CpganError(f"gan.tiscl_stages must be one of {', '.join(TISCL_STAGES)}, got "
+                             f"{g.tiscl_stages!r}")
         if g.epochs < 0 or g.batch_size < 2 or min(g.lr_g, g.lr_d) <= 0 or g.tiscl_gamma3 < 0:
             raise CpganError(f"the GAN needs gan.epochs >= 0, gan.batch_size >= 2, "
                              f"gan.lr_g, gan.lr_d > 0 and gan.tiscl_gamma3 >= 0, got {g.epochs}, "
