@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -43,10 +44,10 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from cpgan.config import load_config
 from cpgan.model.metrics import detected_categories, fid
-from cpgan.pipeline.coco import CocoSplit
+from cpgan.pipeline.coco import CocoSplit, iter_images
 from cpgan.trainer.classifier import resize_image, to_unit_range
 from cpgan.trainer.evaluate import Scoring, load_scoring, load_soa_detector
-from cpgan.trainer.sampling import to_uint8
+from cpgan.trainer.sampling import enlarge, to_uint8
 
 Z_DIM = 64
 EVAL_SIZE = 64
@@ -94,23 +95,21 @@ class DcganDiscriminator(nn.Module):
 
 
 def load_images(split: CocoSplit, size: int, limit: int | None = None) -> Tensor:
-    """The split's captioned images, area-resized to ``size``, in [-1, 1]."""
-    ids = split.captioned_image_ids()[:limit]
-    return to_unit_range(torch.stack([resize_image(split.load_image(i), size) for i in ids]))
+    """The split's captioned images that decode, area-resized to ``size``, in [-1, 1]; each
+    one that does not is named on stderr and left out."""
+    images = []
+    for image_id, rgb, reason in iter_images(split, split.captioned_image_ids()[:limit]):
+        if rgb is None:
+            print(f"{split.split} image {image_id} skipped: {reason}", file=sys.stderr)
+        else:
+            images.append(resize_image(rgb, size))
+    return to_unit_range(torch.stack(images))
 
 
 def class_shares(found: list[set[int]], category_ids: list[int]) -> np.ndarray:
     """Each class's share of all (image, class) detections."""
     counts = np.array([sum(c in f for f in found) for c in category_ids], dtype=np.float64)
     return counts / max(counts.sum(), 1.0)
-
-
-def enlarged(images: Tensor) -> Tensor:
-    """Images at the evaluation's 64 px (bilinear), as it scores a smaller stage's images."""
-    if images.shape[-1] == EVAL_SIZE:
-        return images
-    return F.interpolate(images, size=(EVAL_SIZE, EVAL_SIZE), mode="bilinear",
-                         align_corners=False)
 
 
 def scores(detector: nn.Module, scoring: Scoring, images: Tensor,
@@ -120,7 +119,7 @@ def scores(detector: nn.Module, scoring: Scoring, images: Tensor,
     pools = []
     with torch.no_grad():
         for start in range(0, len(images), BATCH):
-            chunk = enlarged(images[start:start + BATCH])
+            chunk = enlarge(images[start:start + BATCH], EVAL_SIZE)  # as cpgan-eval does
             found += detected_categories(detector, chunk, category_ids)
             pools.append(scoring.score(chunk)[1])
     return found, torch.cat(pools)

@@ -81,6 +81,7 @@ from cpgan.trainer.sampling import (
     EncodedText,
     GanCheckpoint,
     encode_captions,
+    enlarge,
     final_size,
     generate,
     load_generator,
@@ -430,12 +431,6 @@ def _stream(models: EvalModels, split: CocoSplit, options: EvalOptions,
     return stream, collector, len(dataset)
 
 
-def _enlarge(images: Tensor, size: int) -> Tensor:
-    if images.shape[-1] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-
-
 def scored_images(out: GeneratorOutput, untrained: GeneratorOutput, real: Tensor,
                   stage: int | None) -> dict[str, Tensor]:
     """The images each block scores: the last stage's, or stage ``stage``'s, with every block
@@ -445,8 +440,8 @@ def scored_images(out: GeneratorOutput, untrained: GeneratorOutput, real: Tensor
     final, size = real.shape[-1], out.images[stage].shape[-1]
     shrunk = real if size == final else F.interpolate(
         real, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return {"generated": _enlarge(out.images[stage], final), "real": _enlarge(shrunk, final),
-            "untrained": _enlarge(untrained.images[stage], final)}
+    return {"generated": enlarge(out.images[stage], final), "real": enlarge(shrunk, final),
+            "untrained": enlarge(untrained.images[stage], final)}
 
 
 def check_stage(stage: int | None, stages: int, checkpoint: Path) -> None:

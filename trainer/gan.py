@@ -11,8 +11,9 @@ One step, on a batch of real (image pyramid, caption) pairs from :mod:`cpgan.tra
 4. the generator takes one Adam step on L_G (Eq. 3-4, scored by the just-updated
    discriminators, as AttnGAN does) + lambda * TISCL (Eq. 6: the DAMSM loss of the frozen
    pretrained OAIE on the last stage's image against MATE's W and s, gamma1-3 from
-   ``config.encoder``; with ``gan.tiscl_stages = "all"``, the mean over every stage's image) + the conditioning-augmentation KL term (AttnGAN's weight 1; none
-   with ``gan.condition_augmentation = false``, where c = mu(s), see below);
+   ``config.encoder``; with ``gan.tiscl_stages = "all"``, the mean over every stage's image)
+   + the conditioning-augmentation KL term (AttnGAN's weight 1; none with
+   ``gan.condition_augmentation = false``, where c = mu(s), see below);
 5. an exponential moving average of the generator's parameters is updated; samples and
    checkpoints use it as ``generator_ema``.
 
@@ -65,7 +66,6 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
@@ -89,7 +89,7 @@ from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.text import PAD_ID, Vocabulary
 from cpgan.trainer.damsm import _rng_state as global_rng_state
 from cpgan.trainer.damsm import _set_rng_state
-from cpgan.trainer.sampling import build_generator
+from cpgan.trainer.sampling import build_generator, enlarge
 from cpgan.trainer.data import (
     Batch,
     TextImageDataset,
@@ -271,15 +271,11 @@ def stages_tiscl(image_encoder: ObjectAwareImageEncoder, images: list[Tensor],
     or the mean over every stage's image enlarged (bilinear) to the last one's size ("all",
     ours: the only signal that makes the toy GAN's 16-pixel stage draw its caption; RESULTS.md,
     session 15). The stages go through the encoder as one batch."""
-    if config.gan.tiscl_stages == "last":
-        return tiscl_loss(image_encoder, images[-1], text, config)
-    size = images[-1].shape[-2:]
-    enlarged = [image if image.shape[-2:] == size else
-                F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-                for image in images]
-    encoded = image_encoder(torch.cat(enlarged))
-    parts = zip(encoded.regions.chunk(len(images)), encoded.global_feature.chunk(len(images)),
-                encoded.region_mask.chunk(len(images)))
+    scored = images if config.gan.tiscl_stages == "all" else images[-1:]
+    size = scored[-1].shape[-1]
+    encoded = image_encoder(torch.cat([enlarge(image, size) for image in scored]))
+    parts = zip(encoded.regions.chunk(len(scored)), encoded.global_feature.chunk(len(scored)),
+                encoded.region_mask.chunk(len(scored)))
     return torch.stack([_encoded_damsm_loss(regions, feature, mask, text, config)
                         for regions, feature, mask in parts]).mean()
 

@@ -385,6 +385,15 @@ def generate(generator: Generator, text: EncodedText, seed: int, indices: Sequen
         return generator(z.to(device), text.sentence, text.words, text.mask)
 
 
+def enlarge(images: Tensor, size: int) -> Tensor:
+    """``[B, 3, s, s]`` images at ``size`` pixels (bilinear), unchanged when already there: how
+    a smaller stage's images are shown to networks made for the last stage's size."""
+    if images.shape[-1] == size:
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear",
+                                           align_corners=False)
+
+
 def to_uint8(images: Tensor) -> np.ndarray:
     """``[B, 3, H, W]`` in [-1, 1] -> uint8 ``[B, H, W, 3]`` for pictures."""
     scaled = (images.detach().float().clamp(-1, 1) + 1) * 127.5
