@@ -269,8 +269,8 @@ def stages_tiscl(image_encoder: ObjectAwareImageEncoder, images: list[Tensor],
                  text: TextFeatures, config: Config) -> Tensor:
     """TISCL of ``gan.tiscl_stages``: on the last stage's image ("last", Eq. 6 as the paper),
     or the mean over every stage's image enlarged (bilinear) to the last one's size ("all",
-    ours: the only signal that makes the toy GAN's 16-pixel stage draw its caption; RESULTS.md,
-    session 15). The stages go through the encoder as one batch."""
+    ours: what made the toy GAN's 16-pixel stage draw its caption; RESULTS.md, session 15).
+    The stages go through the encoder as one batch."""
     scored = images if config.gan.tiscl_stages == "all" else images[-1:]
     size = scored[-1].shape[-1]
     encoded = image_encoder(torch.cat([enlarge(image, size) for image in scored]))
