@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from cpgan.cli.common import TOY_DIRNAME, RunContext, common_options, report_errors
-from cpgan.config import config_defaults
+from cpgan.config import DETECTOR_KEYS_TRAINING_IGNORES, config_defaults
 from cpgan.layout import (
     DETECTOR_DARKNET_NAME,
     DETECTOR_NAME,
@@ -125,8 +125,10 @@ def train_detector_command(run: RunContext, epochs: int | None, resume: bool, de
     inputs.append(cfg)
     params = {"detector": asdict(det), "seed": run.config.seed, "limit": limit}
     artifacts.sweep_temporaries(models, "detector.")  # what a killed run left half written
-    if not resume and artifacts.is_current(run.artifacts, "train-detector", params=params,
-                                           inputs=inputs, defaults=config_defaults("detector")):
+    if not resume and artifacts.is_current(
+            run.artifacts, "train-detector", params=params, inputs=inputs,
+            defaults=config_defaults("detector"),
+            ignore=[f"detector.{key}" for key in DETECTOR_KEYS_TRAINING_IGNORES]):
         record = artifacts.read_record(run.artifacts, "train-detector") or {}
         click.echo(f"train-detector: up to date (mAP@0.5 {record['summary']['map50']:.3f}) "
                    f"-> {outputs[0]}")

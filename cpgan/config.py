@@ -51,6 +51,14 @@ class DetectorConfig:
     train_cls_weight: float = 1.0
 
 
+DETECTOR_KEYS_TRAINING_IGNORES = ("num_regions", "feature_layer", "feature_dim", "shard_size",
+                                  "train_workers")
+"""``[detector]`` keys that neither the trained weights nor their val mAP depend on: what
+``detect`` extracts and how it shards (the extraction settings), and the loader's worker count
+(every random choice of training is a function of (seed, epoch, index)). Changing one of them
+reruns ``detect``, not ``train-detector``."""
+
+
 @dataclass
 class AttentionConfig:
     """Bottom-Up/Top-Down captioner sizes (Anderson et al.): hidden 1000, attention 512."""

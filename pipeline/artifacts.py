@@ -286,13 +286,30 @@ def stage_state(root: Path, stage: str, split: str | None = None) -> tuple[str, 
 
 
 def same_params(recorded: Any, params: dict[str, Any],
-                defaults: dict[str, Any] | None = None) -> bool:
+                defaults: dict[str, Any] | None = None, ignore: Iterable[str] = ()) -> bool:
     """Are a record's parameters ``params``, once the keys it predates are taken from
-    ``defaults`` (:func:`cpgan.config.fill_new_keys`)?"""
+    ``defaults`` (:func:`cpgan.config.fill_new_keys`) and the dotted keys in ``ignore``
+    ("detector.feature_layer": settings the stage records but whose value its outputs do not
+    depend on) are left out of both?"""
     current = json.loads(json.dumps(params))
     if defaults is not None:
         recorded = fill_new_keys(recorded, current, defaults)
+    for dotted in ignore:
+        recorded, current = _without(recorded, dotted), _without(current, dotted)
     return recorded == current
+
+
+def _without(params: Any, dotted: str) -> Any:
+    """``params`` with the nested key ``dotted`` ("section.key") removed, if it is there."""
+    head, _, rest = dotted.partition(".")
+    if not isinstance(params, dict) or head not in params:
+        return params
+    kept = dict(params)
+    if rest:
+        kept[head] = _without(params[head], rest)
+    else:
+        del kept[head]
+    return kept
 
 
 def is_current(
@@ -303,12 +320,14 @@ def is_current(
     inputs: Iterable[Path],
     split: str | None = None,
     defaults: dict[str, Any] | None = None,
+    ignore: Iterable[str] = (),
 ) -> bool:
     """True when ``stage`` already finished with these parameters and these exact inputs,
     so a rerun can skip it. ``defaults`` (:func:`cpgan.config.config_defaults` of the config
-    sections ``params`` records) stand in for the keys the record predates."""
+    sections ``params`` records) stand in for the keys the record predates; the dotted keys in
+    ``ignore`` are not compared (:func:`same_params`)."""
     record = read_record(root, stage, split)
-    if record is None or not same_params(record.get("params"), params, defaults):
+    if record is None or not same_params(record.get("params"), params, defaults, ignore):
         return False
     if set(record.get("inputs", {})) != {record_key(root, Path(p)) for p in inputs}:
         return False

@@ -111,6 +111,24 @@ def test_a_parameter_the_record_predates_counts_as_its_default(tmp_path: Path):
                                     defaults=defaults)
 
 
+def test_ignored_keys_are_left_out_of_both_sides(tmp_path: Path):
+    """A stage that records a setting its outputs do not depend on stays done when only that
+    setting changes, whether the record has the key or predates it; any other change counts."""
+    root = tmp_path / "artifacts"
+    source = tmp_path / "captions.json"
+    source.write_text("a red ball")
+    _run_stage(root, source, {"detector": {"lr": 1e-3, "feature_layer": 20}, "seed": 0})
+    ignore = ["detector.feature_layer", "detector.shard_size"]
+    moved = {"detector": {"lr": 1e-3, "feature_layer": 16, "shard_size": 9}, "seed": 0}
+    assert artifacts.is_current(root, "vocab", params=moved, inputs=[source], ignore=ignore)
+    assert not artifacts.is_current(root, "vocab", params=moved, inputs=[source])
+    trained_otherwise = {"detector": {"lr": 2e-3, "feature_layer": 16}, "seed": 0}
+    assert not artifacts.is_current(root, "vocab", params=trained_otherwise, inputs=[source],
+                                    ignore=ignore)
+    assert not artifacts.is_current(root, "vocab", params={**moved, "seed": 1}, inputs=[source],
+                                    ignore=ignore)
+
+
 def test_touch_without_change_stays_done(tmp_path: Path):
     root = tmp_path / "artifacts"
     source = tmp_path / "captions.json"

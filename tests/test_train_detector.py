@@ -256,3 +256,39 @@ def test_coco_map_scores_ground_truth_as_perfect(toy_root: Path) -> None:
     scores = coco_map(split, ids, shifted)
     assert scores["map50"] == 1.0 and scores["map"] == pytest.approx(0.1, abs=0.01)
     assert coco_map(split, ids, []) == {"map50": 0.0, "map": 0.0}
+
+
+def test_cli_retrains_for_training_settings_not_for_extraction_ones(
+        toy_root: Path, tmp_path: Path, mini_cfg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train-detector`` is up to date while only what ``detect`` reads changes (the region
+    count, the feature layer, the shard size) and retrains when a training setting does."""
+    from cpgan.cli.prep import main as prep_main
+
+    calls: list[DetectorConfig] = []
+
+    def fake_train(coco_root, artifacts, config, **_):
+        calls.append(dataclasses.replace(config))
+        for name in ("detector.pt", "detector.weights"):
+            (artifacts / "models").mkdir(parents=True, exist_ok=True)
+            (artifacts / "models" / name).write_bytes(f"{name} {len(calls)}".encode())
+        return {"map50": 0.5, "map": 0.25, "epochs": config.train_epochs, "seconds": 0.0}
+
+    monkeypatch.setattr(detector, "train_detector", fake_train)
+
+    def run(settings: str) -> None:
+        toml = tmp_path / "settings.toml"
+        toml.write_text(f'[detector]\ncfg = "{mini_cfg}"\n{settings}\n')
+        try:
+            prep_main(["train-detector", "--artifacts", str(tmp_path / "artifacts"),
+                       "--coco-root", str(toy_root), "--config", str(toml)])
+        except SystemExit as exc:
+            assert exc.code in (0, None), exc.code
+
+    run("feature_layer = 20")
+    run("feature_layer = 16\nfeature_dim = 128\nnum_regions = 10\nshard_size = 7\n"
+        "train_workers = 2")
+    assert len(calls) == 1
+    run("feature_layer = 16\ntrain_lr = 1e-2")
+    assert len(calls) == 2 and calls[1].train_lr == 1e-2
+    run("feature_layer = 16\ntrain_lr = 1e-2\ninput_size = 96")
+    assert len(calls) == 3
