@@ -53,10 +53,11 @@ class DetectorConfig:
 
 DETECTOR_KEYS_TRAINING_IGNORES = ("num_regions", "feature_layer", "feature_dim", "shard_size",
                                   "train_workers")
-"""``[detector]`` keys that neither the trained weights nor their val mAP depend on: what
-``detect`` extracts and how it shards (the extraction settings), and the loader's worker count
-(every random choice of training is a function of (seed, epoch, index)). Changing one of them
-reruns ``detect``, not ``train-detector``."""
+"""``[detector]`` keys that neither the trained weights nor their val mAP depend on, so changing
+one does not retrain the detector: what ``detect`` extracts and how it shards (changing those
+reruns ``detect``), the feature layer's width (read from the layer; only the benchmarks read
+the key) and the loader's worker count (every random choice of training is a function of
+(seed, epoch, index))."""
 
 
 @dataclass
