@@ -115,6 +115,9 @@ class EncoderConfig:
                                   # trainer/negatives.py)
     swapped_words: str = "all"    # which words those swaps replace: "all" (object and colour
                                   # words), "object" or "colour" (trainer/negatives.py)
+    adversarial_epsilon: float = 0.0  # L-infinity radius (pixels in [-1, 1]) of the adversarial
+                                  # views the image encoder trains on, so that TISCL's gradient
+                                  # draws shapes (0: none, AttnGAN; trainer/adversarial.py)
 
 
 @dataclass

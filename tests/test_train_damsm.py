@@ -32,7 +32,8 @@ backbone_width = 4
 batch_size = 8
 epochs = 1
 lr = 0.003
-swapped_negatives = 1  # off in the toy preset; on here so that resume covers its draws
+swapped_negatives = 1  # as the toy preset: resume covers its draws
+# adversarial_epsilon: the toy preset's, so that resume covers the views' random starts
 """
 
 
@@ -400,6 +401,7 @@ def test_several_captions_per_image_reach_the_loss(setup, tmp_path, monkeypatch)
 
     monkeypatch.setattr(damsm, "damsm_loss", recording)
     monkeypatch.setattr(setup["config"].encoder, "captions_per_image", 3)
+    monkeypatch.setattr(setup["config"].encoder, "adversarial_epsilon", 0.0)  # one loss a step
     run = _train(setup, tmp_path / "three", epochs=1)
     training = [s for s in seen if s[2] == 3]
     assert len(training) == 2  # 16 train images, batches of 8
@@ -462,6 +464,7 @@ def test_swapped_negatives_reach_the_sentence_loss_in_training_only(setup, tmp_p
 
     monkeypatch.setattr(damsm, "damsm_loss", recording)
     monkeypatch.setattr(setup["config"].encoder, "swapped_negatives", 2)
+    monkeypatch.setattr(setup["config"].encoder, "adversarial_epsilon", 0.0)  # one loss a step
     _train(setup, tmp_path / "negatives", epochs=1)
     training = [s for s in seen if s[1] is not None]
     assert len(training) == 2  # 16 train images, batches of 8
@@ -485,3 +488,58 @@ def test_an_unknown_kind_of_swapped_words_is_refused_before_any_work(setup, tmp_
     with pytest.raises(CpganError, match="swapped_words must be one of all, object, colour"):
         _train(setup, tmp_path / "typo", epochs=1)
     assert not (tmp_path / "typo").exists() or not any((tmp_path / "typo").iterdir())
+
+
+def test_adversarial_views_are_what_training_scores(setup, tmp_path, monkeypatch):
+    """``encoder.adversarial_epsilon`` > 0: every training step scores the batch's images moved
+    within epsilon by FGSM against that step's own loss, which rises; evaluation scores the
+    images as they are."""
+    scored, attacked = [], []
+    real_views = damsm.fgsm_views
+
+    def recording(images, loss_of, epsilon):
+        views = real_views(images, loss_of, epsilon)
+        with torch.no_grad():
+            attacked.append((loss_of(images).item(), loss_of(views).item(), epsilon))
+        return views
+
+    real_image_loss = damsm._image_loss
+
+    def scoring(image, images, *args):
+        scored.append(images.detach().clone())
+        return real_image_loss(image, images, *args)
+
+    monkeypatch.setattr(damsm, "fgsm_views", recording)
+    monkeypatch.setattr(damsm, "_image_loss", scoring)
+    monkeypatch.setattr(setup["config"].encoder, "adversarial_epsilon", 0.2)
+    run = _train(setup, tmp_path / "adversarial", epochs=1)
+    assert len(attacked) == 2  # 16 train images, batches of 8
+    assert all(eps == 0.2 and after > before for before, after, eps in attacked)
+    assert run.history[0]["r_precision"] > 0
+
+
+def test_adversarial_training_changes_the_weights_and_is_recorded(setup, tmp_path,
+                                                                   monkeypatch):
+    """Epsilon 0 never builds a view (AttnGAN's clean training); another epsilon trains other
+    weights and is a setting a resume must match."""
+    def refuse(*args):
+        raise AssertionError("fgsm_views called with adversarial_epsilon = 0")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(damsm, "fgsm_views", refuse)
+        patch.setattr(setup["config"].encoder, "adversarial_epsilon", 0.0)
+        clean = _load(_train(setup, tmp_path / "clean", epochs=1).model)
+    monkeypatch.setattr(setup["config"].encoder, "adversarial_epsilon", 0.1)
+    moved = _load(_train(setup, tmp_path / "moved", epochs=1).model)
+    key = next(k for k in clean["image_encoder"] if k.startswith("project_local"))
+    assert not torch.equal(clean["image_encoder"][key], moved["image_encoder"][key])
+    settings = _load(damsm.checkpoint_path(tmp_path / "moved"))["settings"]
+    assert settings["encoder"]["adversarial_epsilon"] == 0.1  # a resume with another is refused
+
+
+@pytest.mark.parametrize("epsilon", [-0.1, 1.0])
+def test_an_adversarial_epsilon_outside_the_pixel_range_is_refused(setup, tmp_path, monkeypatch,
+                                                                  epsilon):
+    monkeypatch.setattr(setup["config"].encoder, "adversarial_epsilon", epsilon)
+    with pytest.raises(CpganError, match="adversarial_epsilon < 1"):
+        _train(setup, tmp_path / "bad", epochs=1)

@@ -13,7 +13,10 @@ later judge generated images; the recipe is AttnGAN's ``pretrain_DAMSM.py``:
   the same image work. With ``encoder.swapped_negatives`` N > 0 (the toy preset: 1, colour
   words only; AttnGAN and the paper preset: 0) each image's first caption also brings N copies
   with one object or colour word swapped (:mod:`cpgan.trainer.negatives`), negatives of that
-  image alone in the sentence-level loss;
+  image alone in the sentence-level loss. With ``encoder.adversarial_epsilon`` > 0 (the toy
+  preset; AttnGAN and the paper preset: 0) the images are first moved within that L-infinity
+  radius to raise the step's loss (:mod:`cpgan.trainer.adversarial`), so that the encoders'
+  gradient, which TISCL hands the generator, follows shapes rather than pixel noise;
 * Adam with betas (0.5, 0.999) on every trainable parameter (MATE, the projections M_o, M_e and
   the global map, and the toy preset's backbone, which starts from the fitted scoring
   classifier; Inception and the detector stay frozen), the
@@ -83,11 +86,12 @@ from cpgan.model.image_encoder import (
 from cpgan.model.losses import damsm_loss
 from cpgan.model.metrics import CANDIDATES, FOLDS, r_precision, r_precision_in_batch
 from cpgan.model.text_encoder import SENTENCE_POOLING, MemoryAttendedTextEncoder
-from cpgan.model.yolo import YoloRegionExtractor
+from cpgan.model.yolo import RegionOutput, YoloRegionExtractor
 from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.categories import swappable_words
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.text import Vocabulary
+from cpgan.trainer.adversarial import fgsm_views
 from cpgan.trainer.averaging import WeightAverage
 from cpgan.trainer.data import Batch, TextImageDataset, batches, make_loader, pad_caption
 from cpgan.trainer.negatives import WordSwaps, swapped_captions, words_of_kind
@@ -514,38 +518,85 @@ def with_other_captions(batch: Batch, dataset: TextImageDataset,
     return torch.cat([r.to(device) for r in rows]), torch.cat([n.to(device) for n in lengths])
 
 
-def _loss(text: MemoryAttendedTextEncoder, image: ObjectAwareImageEncoder, batch: Batch,
-          config: EncoderConfig, regions: RegionCache | None = None,
-          captions: TextImageDataset | None = None,
-          swaps: WordSwaps | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """L^w + L^s (Eq. 25) of a batch, with f and s for R-precision; V_o's detections come from
-    ``regions`` when it holds the batch's views. With ``captions`` (the training set) each
-    image brings ``config.captions_per_image`` of its captions, all positives, and with
-    ``swaps`` too, ``config.swapped_negatives`` false versions of its first caption."""
+@dataclass
+class _EncodedCaptions:
+    """The text side of a DAMSM step: MATE's W and s for the batch's captions, the true ones
+    (``per_image`` of each image) first, then the swapped false ones of ``false_mask``."""
+
+    words: Tensor
+    lengths: Tensor
+    sentence: Tensor
+    true_rows: int
+    per_image: int
+    false_mask: Tensor | None
+
+    def detached(self) -> "_EncodedCaptions":
+        return dataclasses.replace(self, words=self.words.detach(),
+                                   sentence=self.sentence.detach())
+
+
+def _encode_captions(text: MemoryAttendedTextEncoder, batch: Batch, config: EncoderConfig,
+                     captions: TextImageDataset | None = None,
+                     swaps: WordSwaps | None = None) -> _EncodedCaptions:
+    """With ``captions`` (the training set) each image brings ``config.captions_per_image`` of
+    its captions, all positives, and with ``swaps`` too, ``config.swapped_negatives`` false
+    versions of its first caption."""
     per_image = config.captions_per_image if captions is not None else 1
     if per_image > 1:
         tokens, lengths = with_other_captions(batch, captions, per_image)
     else:
         tokens, lengths = batch.captions, batch.lengths
     negatives = config.swapped_negatives if captions is not None and swaps else 0
+    false_mask = None
     if negatives:
         false, false_lengths, false_mask = swapped_captions(
             batch.captions, batch.lengths, batch.indices, swaps, negatives, captions.seed,
             captions.epoch)
         tokens, lengths = torch.cat([tokens, false]), torch.cat([lengths, false_lengths])
     words, sentence = text(tokens, lengths)
-    true_rows = per_image * len(batch)
+    return _EncodedCaptions(words, lengths, sentence, per_image * len(batch), per_image,
+                            false_mask)
+
+
+def _image_loss(image: ObjectAwareImageEncoder, images: Tensor,
+                detections: RegionOutput | None, text: _EncodedCaptions,
+                config: EncoderConfig) -> tuple[Tensor, Tensor]:
+    """L^w + L^s (Eq. 25) of ``images`` against ``text``, and f."""
+    rows = text.true_rows
+    has_false = text.false_mask is not None
+    encoded = image(images, detections)
+    loss, _ = damsm_loss(text.words[:rows], text.lengths[:rows], text.sentence[:rows],
+                         encoded.regions, encoded.global_feature,
+                         config.gamma1, config.gamma2, config.gamma3,
+                         region_mask=encoded.region_mask, captions_per_image=text.per_image,
+                         negative_sentences=text.sentence[rows:] if has_false else None,
+                         negative_mask=text.false_mask)
+    return loss, encoded.global_feature
+
+
+def _loss(text: MemoryAttendedTextEncoder, image: ObjectAwareImageEncoder, batch: Batch,
+          config: EncoderConfig, regions: RegionCache | None = None,
+          captions: TextImageDataset | None = None,
+          swaps: WordSwaps | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """L^w + L^s (Eq. 25) of a batch, with f and s for R-precision; V_o's detections come from
+    ``regions`` when it holds the batch's views (:func:`_encode_captions` for ``captions``
+    and ``swaps``). With ``config.adversarial_epsilon`` > 0 and ``captions`` (training) the
+    images are replaced by their adversarial views (:mod:`cpgan.trainer.adversarial`); V_o
+    stays the real image's, cached or not, so the views move only what the backbone sees."""
+    encoded_text = _encode_captions(text, batch, config, captions, swaps)
     images = batch.images[-1]
     detections = (regions.lookup(batch.indices, batch.flipped, images.device)
                   if regions is not None else None)
-    encoded = image(images, detections)
-    loss, _ = damsm_loss(words[:true_rows], lengths[:true_rows], sentence[:true_rows],
-                         encoded.regions, encoded.global_feature,
-                         config.gamma1, config.gamma2, config.gamma3,
-                         region_mask=encoded.region_mask, captions_per_image=per_image,
-                         negative_sentences=sentence[true_rows:] if negatives else None,
-                         negative_mask=false_mask if negatives else None)
-    return loss, encoded.global_feature, sentence[:len(batch)]
+    if captions is not None and config.adversarial_epsilon > 0:
+        if detections is None and image.detector is not None:
+            with torch.no_grad():
+                detections = image.detect(images)
+        attack_text = encoded_text.detached()
+        images = fgsm_views(
+            images, lambda views: _image_loss(image, views, detections, attack_text, config)[0],
+            config.adversarial_epsilon)
+    loss, global_feature = _image_loss(image, images, detections, encoded_text, config)
+    return loss, global_feature, encoded_text.sentence[:len(batch)]
 
 
 def _train_epoch(state: TrainState, loader: Iterable[Batch], config: EncoderConfig,
@@ -705,12 +756,15 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
     encoder = config.encoder
     if encoder.epochs < 0 or encoder.batch_size < 1 or encoder.lr <= 0 or \
             not 0 < encoder.lr_decay <= 1 or not 0 <= encoder.average_decay < 1 or \
-            encoder.captions_per_image < 1 or encoder.swapped_negatives < 0:
+            encoder.captions_per_image < 1 or encoder.swapped_negatives < 0 or \
+            not 0 <= encoder.adversarial_epsilon < 1:
         raise CpganError(f"DAMSM needs epochs >= 0, batch size >= 1, lr > 0, 0 < lr_decay <= 1, "
-                         f"0 <= average_decay < 1, captions_per_image >= 1 and "
-                         f"swapped_negatives >= 0, got {encoder.epochs}, {encoder.batch_size}, "
-                         f"{encoder.lr}, {encoder.lr_decay}, {encoder.average_decay}, "
-                         f"{encoder.captions_per_image}, {encoder.swapped_negatives}")
+                         f"0 <= average_decay < 1, captions_per_image >= 1, "
+                         f"swapped_negatives >= 0 and 0 <= adversarial_epsilon < 1, got "
+                         f"{encoder.epochs}, {encoder.batch_size}, {encoder.lr}, "
+                         f"{encoder.lr_decay}, {encoder.average_decay}, "
+                         f"{encoder.captions_per_image}, {encoder.swapped_negatives}, "
+                         f"{encoder.adversarial_epsilon}")
     words_of_kind({}, encoder.swapped_words)  # refuse an unknown kind before any work
     if encoder.backbone == "classifier" and classifier_weights is None:
         raise CpganError("the classifier backbone starts from the toy scoring classifier: run "
