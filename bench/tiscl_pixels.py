@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from cpgan import layout
 from cpgan.cli.common import PROJECT_ROOT, TOY_DIRNAME
@@ -33,14 +32,15 @@ from cpgan.model.darknet import for_cpu_inference
 from cpgan.model.metrics import caption_categories, detected_categories, soa_scores
 from cpgan.pipeline.categories import category_words
 from cpgan.pipeline.coco import CocoSplit
+from cpgan.pipeline.report import draw_mosaic
 from cpgan.pipeline.text import Vocabulary
 from cpgan.trainer import gan
 from cpgan.trainer.damsm import load_pretrained_encoders
 from cpgan.trainer.data import TextImageDataset, batches, make_loader
 from cpgan.trainer.evaluate import load_soa_detector
+from cpgan.trainer.sampling import to_uint8
 
 GRID_COLUMNS = 8
-GRID_CELL = 128
 
 
 def optimise(encoder, images: torch.Tensor, text: gan.TextFeatures, config, steps: int,
@@ -60,12 +60,12 @@ def optimise(encoder, images: torch.Tensor, text: gan.TextFeatures, config, step
     return torch.tanh(x).detach(), first, last
 
 
-def write_grid(path: Path, rows: list[torch.Tensor]) -> None:
-    cells = [np.concatenate(list(row[:GRID_COLUMNS].clamp(-1, 1).add(1).mul(127.5).byte()
-                                 .permute(0, 2, 3, 1).numpy()), axis=1) for row in rows]
-    grid = Image.fromarray(np.concatenate(cells, axis=0))
-    grid.resize((grid.width * GRID_CELL // rows[0].shape[-1],
-                 grid.height * GRID_CELL // rows[0].shape[-1]), Image.NEAREST).save(path)
+def write_grid(path: Path, real: torch.Tensor, optimised: torch.Tensor,
+               captions: list[str]) -> None:
+    """The first GRID_COLUMNS real images with their captions, their optimised images below."""
+    count = min(GRID_COLUMNS, len(real))
+    tiles = to_uint8(torch.cat([real[:count], optimised[:count]]))
+    draw_mosaic(tiles, count, path, captions=captions[:count] + ["optimised"] * count)
 
 
 def main() -> None:
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", type=Path, default=None,
-                        help="PNG: real images above their optimised counterparts")
+                        help="PNG: real images with their captions above their optimised counterparts")
     args = parser.parse_args()
     root = args.artifacts
     try:
@@ -105,16 +105,17 @@ def main() -> None:
     expected, starts, ends, grid = [], [], [], None
     began = time.perf_counter()
     for batch in batches(loader, {}):
-        text = gan.encode_text(text_encoder, batch.captions, batch.lengths)
+        encoded = gan.encode_text(text_encoder, batch.captions, batch.lengths)
         real = batch.images[-1]
-        images, first, last = optimise(image_encoder, real, text, config, args.steps, args.lr)
+        images, first, last = optimise(image_encoder, real, encoded, config, args.steps, args.lr)
         starts.append(first)
         ends.append(last)
-        for image_id, caption_id in zip(batch.image_ids.tolist(), batch.caption_ids.tolist()):
-            expected.append(caption_categories(dict(split.captions(image_id))[caption_id], words))
+        texts = [dict(split.captions(image_id))[caption_id] for image_id, caption_id
+                 in zip(batch.image_ids.tolist(), batch.caption_ids.tolist())]
+        expected += [caption_categories(text, words) for text in texts]
         found["optimised"] += detected_categories(soa_detector, images, category_ids)
         found["real"] += detected_categories(soa_detector, real, category_ids)
-        grid = grid or [real, images]
+        grid = grid or (real, images, texts)
         print(f"{len(expected)} images, {time.perf_counter() - began:.0f} s", file=sys.stderr)
     print(f"{args.encoders or 'models/damsm.pt'}: {len(expected)} val captions, {args.steps} "
           f"Adam steps at lr {args.lr}; TISCL {np.mean(starts):.3f} -> {np.mean(ends):.3f}")
@@ -122,7 +123,7 @@ def main() -> None:
         soa_c, soa_i = soa_scores(detected, expected)
         print(f"  {name:9s} SOA-C {soa_c:.3f}  SOA-I {soa_i:.3f}")
     if args.grid and grid is not None:
-        write_grid(args.grid, grid)
+        write_grid(args.grid, *grid)
 
 
 if __name__ == "__main__":

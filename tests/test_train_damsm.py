@@ -494,27 +494,36 @@ def test_adversarial_views_are_what_training_scores(setup, tmp_path, monkeypatch
     """``encoder.adversarial_epsilon`` > 0: every training step scores the batch's images moved
     within epsilon by FGSM against that step's own loss, which rises; evaluation scores the
     images as they are."""
-    scored, attacked = [], []
+    scored, attacked, views_made = [], [], []
+    measuring = []  # non-empty while this test itself scores images
     real_views = damsm.fgsm_views
 
     def recording(images, loss_of, epsilon):
         views = real_views(images, loss_of, epsilon)
+        measuring.append(True)
         with torch.no_grad():
             attacked.append((loss_of(images).item(), loss_of(views).item(), epsilon))
+        measuring.clear()
+        views_made.append(views)
         return views
 
     real_image_loss = damsm._image_loss
 
     def scoring(image, images, *args):
-        scored.append(images.detach().clone())
+        if not measuring:
+            scored.append(images.detach().clone())
         return real_image_loss(image, images, *args)
 
     monkeypatch.setattr(damsm, "fgsm_views", recording)
     monkeypatch.setattr(damsm, "_image_loss", scoring)
     monkeypatch.setattr(setup["config"].encoder, "adversarial_epsilon", 0.2)
     run = _train(setup, tmp_path / "adversarial", epochs=1)
-    assert len(attacked) == 2  # 16 train images, batches of 8
+    assert len(attacked) == 2  # the 2 train batches (16 images by 8); no val batch
     assert all(eps == 0.2 and after > before for before, after, eps in attacked)
+    # each view is what the step then trained on, after the attack's own calls
+    training_calls = [i for i, images in enumerate(scored)
+                      if any(torch.equal(images, v) for v in views_made)]
+    assert len(training_calls) == 2
     assert run.history[0]["r_precision"] > 0
 
 

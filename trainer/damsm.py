@@ -521,12 +521,12 @@ def with_other_captions(batch: Batch, dataset: TextImageDataset,
 @dataclass
 class _EncodedCaptions:
     """The text side of a DAMSM step: MATE's W and s for the batch's captions, the true ones
-    (``per_image`` of each image) first, then the swapped false ones of ``false_mask``."""
+    (``per_image`` of each image, one block per caption) first, then the swapped false ones of
+    ``false_mask``."""
 
     words: Tensor
     lengths: Tensor
     sentence: Tensor
-    true_rows: int
     per_image: int
     false_mask: Tensor | None
 
@@ -554,15 +554,14 @@ def _encode_captions(text: MemoryAttendedTextEncoder, batch: Batch, config: Enco
             captions.epoch)
         tokens, lengths = torch.cat([tokens, false]), torch.cat([lengths, false_lengths])
     words, sentence = text(tokens, lengths)
-    return _EncodedCaptions(words, lengths, sentence, per_image * len(batch), per_image,
-                            false_mask)
+    return _EncodedCaptions(words, lengths, sentence, per_image, false_mask)
 
 
 def _image_loss(image: ObjectAwareImageEncoder, images: Tensor,
                 detections: RegionOutput | None, text: _EncodedCaptions,
                 config: EncoderConfig) -> tuple[Tensor, Tensor]:
     """L^w + L^s (Eq. 25) of ``images`` against ``text``, and f."""
-    rows = text.true_rows
+    rows = text.per_image * images.shape[0]
     has_false = text.false_mask is not None
     encoded = image(images, detections)
     loss, _ = damsm_loss(text.words[:rows], text.lengths[:rows], text.sentence[:rows],
