@@ -1,8 +1,8 @@
 """How far past the demo's budget the toy encoders and GAN keep improving (issues 6 and 7).
 
-``make demo`` gives DAMSM 4 epochs and the GAN 3 (375 steps); their quality goals (encoder
-R-precision >= 0.90 on real val images, generated images' R-precision and SOA-C >= 0.5) are
-not met there. This script measures what longer training buys, with the same code and preset:
+``make demo`` gives DAMSM 5 epochs and the GAN 3 (750 steps at batch 16), and the GAN's SOA-C
+goal (>= 0.5) is not met there. This script measures what longer training buys, with the same
+code and preset:
 
 * DAMSM: the main encoders (memory and objects on, the preset's seed) trained for
   ``--damsm-epochs`` in ``<artifacts>/trajectory/damsm/`` (own copies of the vocabulary, memory
