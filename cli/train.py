@@ -488,13 +488,8 @@ def _variant_is_current(root: Path, record: Path, params: dict[str, Any],
     if not isinstance(content, dict) or not artifacts.same_params(content.get("params"), params,
                                                                   defaults):
         return False
-    if set(content.get("inputs", {})) != {artifacts.record_key(root, p) for p in inputs}:
-        return False
-    for key, known in {**content.get("inputs", {}), **content.get("outputs", {})}.items():
-        path = Path(key) if Path(key).is_absolute() else root / key
-        if not path.is_file() or artifacts.fingerprint(path, known)["sha256"] != known.get("sha256"):
-            return False
-    return True
+    return artifacts.same_inputs(root, content.get("inputs", {}), inputs) and \
+        artifacts.unchanged(root, content.get("outputs", {}))
 
 
 main = report_errors(cli)

@@ -274,6 +274,12 @@ def _changed(root: Path, files: dict[str, Any], role: str) -> str | None:
     return None
 
 
+def unchanged(root: Path, files: dict[str, Any]) -> bool:
+    """Is every file of a record's fingerprints (``inputs`` or ``outputs``) still there, with
+    the content it had?"""
+    return _changed(root, files, "file") is None
+
+
 def stage_state(root: Path, stage: str, split: str | None = None) -> tuple[str, str]:
     """("done" | "stale" | "missing", reason) for one stage."""
     record = read_record(root, stage, split)
@@ -312,6 +318,29 @@ def _without(params: Any, dotted: str) -> Any:
     return kept
 
 
+def same_inputs(root: Path, recorded: dict[str, Any], inputs: Iterable[Path]) -> bool:
+    """Are ``inputs`` the files of a record's ``inputs`` fingerprints? Files inside the
+    artifacts root are matched by path and content. Files outside it (the preset's Darknet cfg
+    in the checkout, the user's weight files) are matched by name and content: the same files
+    reached from another checkout or working directory, or after the checkout moved, are the
+    same inputs, and a finished stage is not redone for their new absolute paths."""
+    current = {record_key(root, Path(p)): Path(p) for p in inputs}
+    inside_recorded = {k: v for k, v in recorded.items() if not Path(k).is_absolute()}
+    if set(inside_recorded) != {k for k in current if not Path(k).is_absolute()}:
+        return False
+    if not unchanged(root, inside_recorded):
+        return False
+    wanted = sorted((Path(k).name, known.get("sha256")) for k, known in recorded.items()
+                    if Path(k).is_absolute())
+    found = []
+    for key, path in current.items():
+        if Path(key).is_absolute():
+            if not path.is_file():
+                return False
+            found.append((path.name, fingerprint(path, recorded.get(key))["sha256"]))
+    return sorted(found) == wanted
+
+
 def is_current(
     root: Path,
     stage: str,
@@ -322,13 +351,13 @@ def is_current(
     defaults: dict[str, Any] | None = None,
     ignore: Iterable[str] = (),
 ) -> bool:
-    """True when ``stage`` already finished with these parameters and these exact inputs,
-    so a rerun can skip it. ``defaults`` (:func:`cpgan.config.config_defaults` of the config
-    sections ``params`` records) stand in for the keys the record predates; the dotted keys in
-    ``ignore`` are not compared (:func:`same_params`)."""
+    """True when ``stage`` already finished with these parameters and these inputs
+    (:func:`same_inputs`) and its outputs are unchanged, so a rerun can skip it. ``defaults``
+    (:func:`cpgan.config.config_defaults` of the config sections ``params`` records) stand in
+    for the keys the record predates; the dotted keys in ``ignore`` are not compared
+    (:func:`same_params`)."""
     record = read_record(root, stage, split)
     if record is None or not same_params(record.get("params"), params, defaults, ignore):
         return False
-    if set(record.get("inputs", {})) != {record_key(root, Path(p)) for p in inputs}:
-        return False
-    return stage_state(root, stage, split)[0] == "done"
+    return same_inputs(root, record.get("inputs", {}), inputs) and \
+        unchanged(root, record.get("outputs", {}))

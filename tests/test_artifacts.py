@@ -91,6 +91,37 @@ def test_status_done_stale_missing(tmp_path: Path):
     assert artifacts.stage_state(root, "vocab") == ("stale", "output vocab.json is missing")
 
 
+def test_inputs_outside_the_root_are_matched_by_name_and_content(tmp_path: Path):
+    """The preset's Darknet cfg is an input outside the artifacts root, recorded by absolute
+    path. The same file reached from another checkout (or after the checkout moved) is the
+    same input; another file, or the same content under another name, is not."""
+    root = tmp_path / "artifacts"
+    first, second = tmp_path / "checkout-a" / "yolov3-toy.cfg", tmp_path / "checkout-b" / "yolov3-toy.cfg"
+    for cfg in (first, second):
+        cfg.parent.mkdir()
+        cfg.write_text("[net]\nwidth=128\n")
+    source = root / "captions.json"
+    source.parent.mkdir()
+    source.write_text("a red ball")
+    out = root / "vocab.json"
+    out.write_text("A RED BALL")
+    artifacts.write_record(root, "vocab", config={}, params={}, inputs=[source, first],
+                           outputs=[out])
+    assert artifacts.is_current(root, "vocab", params={}, inputs=[source, second])
+    first.unlink()  # the checkout that ran the stage is gone
+    assert artifacts.is_current(root, "vocab", params={}, inputs=[source, second])
+
+    renamed = second.with_name("yolov3-tiny.cfg")
+    renamed.write_text(second.read_text())
+    assert not artifacts.is_current(root, "vocab", params={}, inputs=[source, renamed])
+    second.write_text("[net]\nwidth=416\n")
+    assert not artifacts.is_current(root, "vocab", params={}, inputs=[source, second])
+    assert not artifacts.is_current(root, "vocab", params={}, inputs=[source])
+    moved_inside = root / "other.json"  # inside the root, paths still count
+    moved_inside.write_text(source.read_text())
+    assert not artifacts.is_current(root, "vocab", params={}, inputs=[moved_inside, renamed])
+
+
 def test_a_parameter_the_record_predates_counts_as_its_default(tmp_path: Path):
     """A stage finished before a config key existed stays done while the key is at its
     default (the behaviour before it) and is stale once the key is set otherwise."""
