@@ -28,7 +28,8 @@ from cpgan.trainer.data import TextImageDataset
 from test_sample import Setup, make_setup
 
 VAL_IMAGES = 12
-METRIC_KEYS = {"inception_score", "fid", "r_precision", "r_precision_in_batch", "soa_c", "soa_i"}
+METRIC_KEYS = {"inception_score", "fid", "r_precision", "r_precision_in_batch", "soa_c", "soa_i",
+               "soa_no_object"}
 
 
 def _val_pairs(setup: Setup) -> TextImageDataset:
@@ -142,6 +143,7 @@ def test_report_has_every_metric_for_all_three_blocks(evaluated: dict):
         assert 0.0 <= entry["r_precision"]["mean"] <= 1.0
         assert entry["fid"] >= 0.0
         assert 0.0 <= entry["soa_c"] <= 1.0 and 0.0 <= entry["soa_i"] <= 1.0
+        assert 0.0 <= entry["soa_no_object"] <= 1.0
     config = evaluated["config"]
     assert config["num_images"] == VAL_IMAGES and config["checkpoint"]["step"] == 40
     assert config["r_precision"]["candidates"] == VAL_IMAGES      # fewer than 100: recorded

@@ -22,6 +22,7 @@ from cpgan.model.metrics import (
     frechet_distance,
     inception_score,
     soa_class_recall,
+    soa_no_object,
     soa_scores,
 )
 from cpgan.pipeline.toy import TOY_CATEGORIES, category_words
@@ -169,6 +170,17 @@ def test_soa_scores_hand_computed() -> None:
     assert soa_class_recall(detected, expected) == {CIRCLE: (1, 3), SQUARE: (2, 2)}
     soa_c, soa_i = soa_scores(detected, expected)
     assert soa_c == pytest.approx(2 / 3) and soa_i == pytest.approx(3 / 5)
+
+
+def test_soa_no_object_counts_images_without_any_detection() -> None:
+    """Of the four images that name a class, image 1 shows the detector nothing; image 2 a
+    wrong class (a miss, but not an empty image); image 4 names nothing and does not count."""
+    expected = [{CIRCLE}, {CIRCLE}, {CIRCLE, SQUARE}, {SQUARE}, set()]
+    detected = [{CIRCLE}, set(), {TRIANGLE}, {SQUARE}, set()]
+    assert soa_no_object(detected, expected) == pytest.approx(1 / 4)
+    assert soa_no_object([set()] * 4, expected[:4]) == 1.0
+    with pytest.raises(ValueError):
+        soa_no_object([set()], [set()])
 
 
 def test_soa_from_captions_end_to_end() -> None:
