@@ -488,8 +488,11 @@ def _variant_is_current(root: Path, record: Path, params: dict[str, Any],
     if not isinstance(content, dict) or not artifacts.same_params(content.get("params"), params,
                                                                   defaults):
         return False
-    return artifacts.same_inputs(root, content.get("inputs", {}), inputs) and \
-        artifacts.unchanged(root, content.get("outputs", {}))
+    if not (artifacts.same_inputs(root, content.get("inputs", {}), inputs)
+            and artifacts.unchanged(root, content.get("outputs", {}))):
+        return False
+    artifacts.repoint_inputs(record, content, root, inputs)
+    return True
 
 
 main = report_errors(cli)

@@ -359,5 +359,23 @@ def is_current(
     record = read_record(root, stage, split)
     if record is None or not same_params(record.get("params"), params, defaults, ignore):
         return False
-    return same_inputs(root, record.get("inputs", {}), inputs) and \
-        unchanged(root, record.get("outputs", {}))
+    inputs = list(inputs)
+    if not (same_inputs(root, record.get("inputs", {}), inputs)
+            and unchanged(root, record.get("outputs", {}))):
+        return False
+    repoint_inputs(record_path(root, stage, split), record, root, inputs)
+    return True
+
+
+def repoint_inputs(path: Path, record: dict[str, Any], root: Path,
+                   inputs: Iterable[Path]) -> None:
+    """Rewrite the record at ``path``, whose inputs :func:`same_inputs` matched by name and
+    content, so that it names them where they are now: ``cpgan-prep status`` then checks the
+    files the stage would use, not those of a checkout that moved or is gone."""
+    recorded = record.get("inputs", {})
+    current = {record_key(root, Path(p)): Path(p) for p in inputs}
+    if set(current) == set(recorded):
+        return
+    fingerprints = {key: fingerprint(p, recorded.get(key)) for key, p in sorted(current.items())}
+    atomic_write_text(path, json.dumps({**record, "inputs": fingerprints}, indent=1,
+                                       sort_keys=True) + "\n")

@@ -96,8 +96,8 @@ def test_inputs_outside_the_root_are_matched_by_name_and_content(tmp_path: Path)
     path. The same file reached from another checkout (or after the checkout moved) is the
     same input; another file, or the same content under another name, is not."""
     root = tmp_path / "artifacts"
-    first, second = tmp_path / "checkout-a" / "yolov3-toy.cfg", tmp_path / "checkout-b" / "yolov3-toy.cfg"
-    for cfg in (first, second):
+    first, second, third = (tmp_path / f"checkout-{c}" / "yolov3-toy.cfg" for c in "abc")
+    for cfg in (first, second, third):
         cfg.parent.mkdir()
         cfg.write_text("[net]\nwidth=128\n")
     source = root / "captions.json"
@@ -107,9 +107,12 @@ def test_inputs_outside_the_root_are_matched_by_name_and_content(tmp_path: Path)
     out.write_text("A RED BALL")
     artifacts.write_record(root, "vocab", config={}, params={}, inputs=[source, first],
                            outputs=[out])
-    assert artifacts.is_current(root, "vocab", params={}, inputs=[source, second])
     first.unlink()  # the checkout that ran the stage is gone
+    assert artifacts.stage_state(root, "vocab")[0] == "stale"
     assert artifacts.is_current(root, "vocab", params={}, inputs=[source, second])
+    # the record now names the file it was matched with: status agrees with the skip
+    assert artifacts.stage_state(root, "vocab") == ("done", "")
+    assert str(second) in artifacts.read_record(root, "vocab")["inputs"]
 
     renamed = second.with_name("yolov3-tiny.cfg")
     renamed.write_text(second.read_text())
@@ -117,9 +120,10 @@ def test_inputs_outside_the_root_are_matched_by_name_and_content(tmp_path: Path)
     second.write_text("[net]\nwidth=416\n")
     assert not artifacts.is_current(root, "vocab", params={}, inputs=[source, second])
     assert not artifacts.is_current(root, "vocab", params={}, inputs=[source])
+    assert artifacts.is_current(root, "vocab", params={}, inputs=[source, third])
     moved_inside = root / "other.json"  # inside the root, paths still count
     moved_inside.write_text(source.read_text())
-    assert not artifacts.is_current(root, "vocab", params={}, inputs=[moved_inside, renamed])
+    assert not artifacts.is_current(root, "vocab", params={}, inputs=[moved_inside, third])
 
 
 def test_a_parameter_the_record_predates_counts_as_its_default(tmp_path: Path):
