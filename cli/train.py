@@ -485,14 +485,8 @@ def _variant_is_current(root: Path, record: Path, params: dict[str, Any],
         content = json.loads(record.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return False
-    if not isinstance(content, dict) or not artifacts.same_params(content.get("params"), params,
-                                                                  defaults):
-        return False
-    if not (artifacts.same_inputs(root, content.get("inputs", {}), inputs)
-            and artifacts.unchanged(root, content.get("outputs", {}))):
-        return False
-    artifacts.repoint_inputs(record, content, root, inputs)
-    return True
+    return artifacts.record_is_current(root, record, content if isinstance(content, dict) else None,
+                                       params=params, inputs=inputs, defaults=defaults)
 
 
 main = report_errors(cli)

@@ -274,12 +274,6 @@ def _changed(root: Path, files: dict[str, Any], role: str) -> str | None:
     return None
 
 
-def unchanged(root: Path, files: dict[str, Any]) -> bool:
-    """Is every file of a record's fingerprints (``inputs`` or ``outputs``) still there, with
-    the content it had?"""
-    return _changed(root, files, "file") is None
-
-
 def stage_state(root: Path, stage: str, split: str | None = None) -> tuple[str, str]:
     """("done" | "stale" | "missing", reason) for one stage."""
     record = read_record(root, stage, split)
@@ -328,7 +322,7 @@ def same_inputs(root: Path, recorded: dict[str, Any], inputs: Iterable[Path]) ->
     inside_recorded = {k: v for k, v in recorded.items() if not Path(k).is_absolute()}
     if set(inside_recorded) != {k for k in current if not Path(k).is_absolute()}:
         return False
-    if not unchanged(root, inside_recorded):
+    if _changed(root, inside_recorded, "input") is not None:
         return False
     wanted = sorted((Path(k).name, known.get("sha256")) for k, known in recorded.items()
                     if Path(k).is_absolute())
@@ -356,19 +350,36 @@ def is_current(
     (:func:`cpgan.config.config_defaults` of the config sections ``params`` records) stand in
     for the keys the record predates; the dotted keys in ``ignore`` are not compared
     (:func:`same_params`)."""
-    record = read_record(root, stage, split)
+    return record_is_current(root, record_path(root, stage, split), read_record(root, stage, split),
+                             params=params, inputs=inputs, defaults=defaults, ignore=ignore)
+
+
+def record_is_current(
+    root: Path,
+    path: Path,
+    record: dict[str, Any] | None,
+    *,
+    params: dict[str, Any],
+    inputs: Iterable[Path],
+    defaults: dict[str, Any] | None = None,
+    ignore: Iterable[str] = (),
+) -> bool:
+    """:func:`is_current` for the record ``record`` read from ``path`` (None: there is none),
+    wherever it lives (the DAMSM ablations keep theirs beside their model files). A record
+    whose inputs were matched by name and content is rewritten to name them where they are now
+    (:func:`_repoint_inputs`)."""
     if record is None or not same_params(record.get("params"), params, defaults, ignore):
         return False
     inputs = list(inputs)
     if not (same_inputs(root, record.get("inputs", {}), inputs)
-            and unchanged(root, record.get("outputs", {}))):
+            and _changed(root, record.get("outputs", {}), "output") is None):
         return False
-    repoint_inputs(record_path(root, stage, split), record, root, inputs)
+    _repoint_inputs(path, record, root, inputs)
     return True
 
 
-def repoint_inputs(path: Path, record: dict[str, Any], root: Path,
-                   inputs: Iterable[Path]) -> None:
+def _repoint_inputs(path: Path, record: dict[str, Any], root: Path,
+                    inputs: list[Path]) -> None:
     """Rewrite the record at ``path``, whose inputs :func:`same_inputs` matched by name and
     content, so that it names them where they are now: ``cpgan-prep status`` then checks the
     files the stage would use, not those of a checkout that moved or is gone."""

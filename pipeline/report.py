@@ -305,7 +305,8 @@ METRIC_ROWS = (
      "higher is better"),
     ("soa_c", "SOA-C", "higher is better"),
     ("soa_i", "SOA-I", "higher is better"),
-    ("soa_no_object", "SOA images where the detector finds no object", "lower is better (real: near 0)"),
+    ("soa_no_object", "SOA images where the detector finds no object",
+     "lower is better (real: near 0)"),
 )
 
 
