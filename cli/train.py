@@ -225,33 +225,24 @@ class _TrainingJob(abc.ABC):
     def _recorded_current(self) -> bool:
         # the config sections params() records: a key they predate counts as its default
         defaults = config_defaults("encoder", "gan", "detector")
-        if self.main_variant:
-            return artifacts.is_current(self.root, self.stage, params=self.params(),
-                                        inputs=self.inputs(), defaults=defaults)
-        return _variant_is_current(self.root, self.record, self.params(), self.inputs(),
-                                   defaults)
+        return artifacts.is_current(self.root, self.stage, params=self.params(),
+                                    inputs=self.inputs(), defaults=defaults,
+                                    path=self._record_file())
 
     def _recorded_summary(self) -> dict[str, Any]:
         """The summary of the stage's record (the main model's) or of the variant's."""
-        if self.main_variant:
-            record = artifacts.read_record(self.root, self.stage)
-        else:
-            try:
-                record = json.loads(self.record.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                record = None
-        summary = record.get("summary") if isinstance(record, dict) else None
+        record = artifacts.read_record(self.root, self.stage, path=self._record_file())
+        summary = record.get("summary") if record is not None else None
         return summary if isinstance(summary, dict) else {}
 
     def _write_record(self, outputs: list[Path], summary: dict[str, Any]) -> None:
-        if self.main_variant:
-            artifacts.write_record(self.root, self.stage, config=self.run.config.to_dict(),
-                                   params=self.params(), inputs=self.inputs(),
-                                   outputs=outputs, summary=summary)
-        else:
-            _write_variant_record(self.root, self.record, self.run.config.to_dict(),
-                                  self.params(), self.inputs(), outputs, summary,
-                                  stage=self.stage)
+        artifacts.write_record(self.root, self.stage, config=self.run.config.to_dict(),
+                               params=self.params(), inputs=self.inputs(), outputs=outputs,
+                               summary=summary, path=self._record_file())
+
+    def _record_file(self) -> Path | None:
+        """The variant's own record; None for the main model, whose record is the stage's."""
+        return None if self.main_variant else self.record
 
 
 class DamsmJob(_TrainingJob):
@@ -457,36 +448,6 @@ def describe_losses(row: dict[str, Any]) -> str:
 # The stage record of pipeline/artifacts.py has one fixed path per stage; an ablation model
 # keeps a record of the same layout beside itself so that the main record stays the main
 # model's.
-
-
-def _variant_record(root: Path, config: dict[str, Any], params: dict[str, Any],
-                    inputs: list[Path], outputs: list[Path], summary: dict[str, Any],
-                    stage: str = "damsm") -> dict[str, Any]:
-    from cpgan import __version__
-
-    def keyed(paths: list[Path]) -> dict[str, Any]:
-        return {artifacts.record_key(root, p): artifacts.fingerprint(p) for p in sorted(paths)}
-
-    return {"stage": stage, "split": None, "version": __version__, "params": params,
-            "inputs": keyed(inputs), "outputs": keyed(outputs), "summary": summary,
-            "config": config}
-
-
-def _write_variant_record(root: Path, record: Path, config: dict[str, Any],
-                          params: dict[str, Any], inputs: list[Path], outputs: list[Path],
-                          summary: dict[str, Any], stage: str = "damsm") -> None:
-    content = _variant_record(root, config, params, inputs, outputs, summary, stage)
-    artifacts.atomic_write_text(record, json.dumps(content, indent=1, sort_keys=True) + "\n")
-
-
-def _variant_is_current(root: Path, record: Path, params: dict[str, Any],
-                        inputs: list[Path], defaults: dict[str, Any]) -> bool:
-    try:
-        content = json.loads(record.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return artifacts.record_is_current(root, record, content if isinstance(content, dict) else None,
-                                       params=params, inputs=inputs, defaults=defaults)
 
 
 main = report_errors(cli)

@@ -235,8 +235,11 @@ def write_record(
     outputs: Iterable[Path],
     summary: dict[str, Any] | None = None,
     split: str | None = None,
+    path: Path | None = None,
 ) -> Path:
-    """Write ``stage``'s provenance record atomically, after its outputs are in place."""
+    """Write ``stage``'s provenance record atomically, after its outputs are in place, to
+    ``path`` (default :func:`record_path`; the DAMSM ablations keep theirs beside their model
+    files)."""
     from cpgan import __version__
 
     record = {
@@ -249,14 +252,16 @@ def write_record(
         "summary": summary or {},
         "config": config,
     }
-    path = record_path(root, stage, split)
+    path = path or record_path(root, stage, split)
     atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
     return path
 
 
-def read_record(root: Path, stage: str, split: str | None = None) -> dict[str, Any] | None:
-    """The stage's record, or None when there is none or it is unreadable."""
-    path = record_path(root, stage, split)
+def read_record(root: Path, stage: str, split: str | None = None,
+                path: Path | None = None) -> dict[str, Any] | None:
+    """The stage's record (at ``path``, default :func:`record_path`), or None when there is
+    none or it is unreadable."""
+    path = path or record_path(root, stage, split)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
@@ -344,30 +349,17 @@ def is_current(
     split: str | None = None,
     defaults: dict[str, Any] | None = None,
     ignore: Iterable[str] = (),
+    path: Path | None = None,
 ) -> bool:
     """True when ``stage`` already finished with these parameters and these inputs
     (:func:`same_inputs`) and its outputs are unchanged, so a rerun can skip it. ``defaults``
     (:func:`cpgan.config.config_defaults` of the config sections ``params`` records) stand in
     for the keys the record predates; the dotted keys in ``ignore`` are not compared
-    (:func:`same_params`)."""
-    return record_is_current(root, record_path(root, stage, split), read_record(root, stage, split),
-                             params=params, inputs=inputs, defaults=defaults, ignore=ignore)
-
-
-def record_is_current(
-    root: Path,
-    path: Path,
-    record: dict[str, Any] | None,
-    *,
-    params: dict[str, Any],
-    inputs: Iterable[Path],
-    defaults: dict[str, Any] | None = None,
-    ignore: Iterable[str] = (),
-) -> bool:
-    """:func:`is_current` for the record ``record`` read from ``path`` (None: there is none),
-    wherever it lives (the DAMSM ablations keep theirs beside their model files). A record
-    whose inputs were matched by name and content is rewritten to name them where they are now
-    (:func:`_repoint_inputs`)."""
+    (:func:`same_params`). ``path`` is the record's file (default :func:`record_path`). A
+    record whose inputs were matched by name and content is rewritten to name them where they
+    are now (:func:`_repoint_inputs`)."""
+    path = path or record_path(root, stage, split)
+    record = read_record(root, stage, split, path)
     if record is None or not same_params(record.get("params"), params, defaults, ignore):
         return False
     inputs = list(inputs)
