@@ -1,7 +1,7 @@
 """How far past the demo's budget the toy encoders and GAN keep improving (issues 6 and 7).
 
-``make demo`` gives DAMSM 5 epochs and the GAN 3 (750 steps at batch 16), and the GAN's SOA-C
-goal (>= 0.5) is not met there. This script measures what longer training buys, with the same
+``make demo`` gives DAMSM 5 epochs and the GAN 6 (1,500 steps at batch 16; 3 until session 20),
+and the GAN's SOA-C goal (>= 0.5) is not met there. This script measures what longer training buys, with the same
 code and preset:
 
 * DAMSM: the main encoders (memory and objects on, the preset's seed) trained for
