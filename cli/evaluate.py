@@ -62,6 +62,11 @@ DEFAULT_BATCH = 50
               help="Detector for SOA and the encoders' object features: models/detector.pt or "
               "a Darknet .weights file for the preset's cfg. Default: "
               "<artifacts>/models/detector.pt.")
+@click.option("--soa-detector-weights", type=click.Path(dir_okay=False, path_type=Path),
+              default=None,
+              help="Score SOA with this detector (the preset's cfg) instead of the encoders' "
+              "--detector-weights: one trained with another seed, which the generator never "
+              "trained through. Needs --report-dir.")
 @click.option("--rprecision-encoders", type=click.Path(dir_okay=False, path_type=Path),
               default=None,
               help="DAMSM encoders (models/damsm*.pt) that score R-precision. Default: the "
@@ -82,9 +87,9 @@ DEFAULT_BATCH = 50
 def cli(run: RunContext, checkpoint_path: Path | None, split: str, num_images: int | None,
         batch_size: int, device: str, seed: int | None, scoring_weights: Path | None,
         inception_weights: Path | None, fid_weights: Path | None,
-        detector_weights: Path | None, rprecision_encoders: Path | None,
-        report_dir: Path | None, stage: int | None, workers: int,
-        threads: int | None) -> None:
+        detector_weights: Path | None, soa_detector_weights: Path | None,
+        rprecision_encoders: Path | None, report_dir: Path | None, stage: int | None,
+        workers: int, threads: int | None) -> None:
     """Evaluate a trained CPGAN: IS, FID, R-precision and SOA of generated, real and
     untrained-generator images, side by side.
 
@@ -98,6 +103,9 @@ def cli(run: RunContext, checkpoint_path: Path | None, split: str, num_images: i
         return
     if stage is not None and report_dir is None:
         raise CpganError("--stage needs --report-dir: the main report stays the last stage's")
+    if soa_detector_weights is not None and report_dir is None:
+        raise CpganError("--soa-detector-weights needs --report-dir: the main report stays the "
+                         "encoders' detector's")
     if report_dir is None and _report_is_current(
             run, checkpoint_path, split, num_images, batch_size, seed, scoring_weights,
             inception_weights, fid_weights, detector_weights, rprecision_encoders):
@@ -111,7 +119,7 @@ def cli(run: RunContext, checkpoint_path: Path | None, split: str, num_images: i
     torch.set_num_threads(choose_threads(threads))
     _evaluate(run, checkpoint_path, split, num_images, batch_size, device, seed,
               scoring_weights, inception_weights, fid_weights, detector_weights,
-              rprecision_encoders, report_dir, workers, stage)
+              rprecision_encoders, report_dir, workers, stage, soa_detector_weights)
 
 
 def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
@@ -119,7 +127,7 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
               scoring_weights: Path | None, inception_weights: Path | None,
               fid_weights: Path | None, detector_weights: Path | None,
               rprecision_encoders: Path | None, report_dir: Path | None, workers: int,
-              stage: int | None = None) -> None:
+              stage: int | None = None, soa_detector_weights: Path | None = None) -> None:
     from cpgan.pipeline.coco import CocoSplit
     from cpgan.pipeline.report import METRICS_LOG, REPORT_DIR, ReportInputs, write_report
     from cpgan.trainer.evaluate import (
@@ -139,7 +147,8 @@ def _evaluate(run: RunContext, checkpoint_path: Path | None, split_name: str,
     models_dir = root / "models"
     files = EvalFiles(root, scoring_weights or models_dir / layout.CLASSIFIER_NAME,
                       inception_weights, detector_weights or models_dir / layout.DETECTOR_NAME,
-                      run.project_path(config.detector.cfg), fid_weights, rprecision_encoders)
+                      run.project_path(config.detector.cfg), fid_weights, rprecision_encoders,
+                      soa_detector_weights)
     split = CocoSplit.open(run.coco_root, split_name, require_instances=True)
     params = _params(root, checkpoint.path, split_name, num_images, batch_size, seed,
                      config.preset, rprecision_encoders)

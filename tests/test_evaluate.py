@@ -374,6 +374,33 @@ def test_rprecision_encoders_score_every_variant_with_one_ruler(run: Setup, eval
                               evaluate.global_features(models.image_encoder, images))
 
 
+def test_soa_detector_weights_score_soa_with_another_detector(run: Setup, evaluated: dict,
+                                                              tmp_path: Path, capsys):
+    """--soa-detector-weights: the same generated images (their FID and R-precision, which the
+    encoders and their detector decide, agree) with SOA from the other detector; the main
+    report and the eval stage stay as they were, and the option needs --report-dir."""
+    data = torch.load(run.artifacts / "models" / "detector.pt", weights_only=True)
+    for head in (23, 31, 39):  # the convolutions before the [yolo] layers: 3 x (5 + 8 classes)
+        bias = data["state_dict"][f"layers.{head}.conv.bias"].view(3, 13)
+        bias[:, 4] = -30.0  # no box is an object
+    other = tmp_path / "other-detector.pt"
+    torch.save(data, other)
+    record_before = artifacts.read_record(run.artifacts, "eval")
+    folder = tmp_path / "second-detector"
+    result = CliRunner().invoke(eval_cli, _args(run, "--soa-detector-weights", str(other),
+                                                "--report-dir", str(folder)))
+    assert result.exit_code == 0, (result.output, result.exception)
+    report = json.loads((folder / "report.json").read_text())
+    assert report["config"]["soa_detector"]["weights"] == str(other)
+    assert evaluated["config"]["soa_detector"]["weights"].endswith("models/detector.pt")
+    for key in ("fid", "r_precision"):
+        assert report["generated"][key] == pytest.approx(evaluated["generated"][key], rel=1e-5)
+    assert evaluated["generated"]["soa_no_object"] < 1.0
+    assert report["generated"]["soa_no_object"] == report["real"]["soa_no_object"] == 1.0
+    assert artifacts.read_record(run.artifacts, "eval") == record_before
+    assert "--report-dir" in _error(run, capsys, "--soa-detector-weights", str(other))
+
+
 def _error(run: Setup, capsys, *extra: str) -> str:
     with pytest.raises(SystemExit) as info:
         eval_main(_args(run, *extra))

@@ -202,6 +202,10 @@ class EvalFiles:
     fid_weights: Path | None = None
     rprecision_encoders: Path | None = None
     """DAMSM encoders that score R-precision instead of the run's own (ablations)."""
+    soa_detector_weights: Path | None = None
+    """A detector for SOA other than the one whose features the encoders read (the same cfg):
+    one the generator never trained through, so that its SOA cannot come from pleasing the
+    detector of TISCL alone."""
 
     def inputs(self, checkpoint: GanCheckpoint, split: CocoSplit, scoring: Scoring) -> list[Path]:
         from cpgan.trainer.damsm import variant_files
@@ -217,6 +221,8 @@ class EvalFiles:
             paths.append(self.fid_weights)
         if self.rprecision_encoders is not None:
             paths += [self.rprecision_encoders, self.artifacts / MEMORY_NAME]
+        if self.soa_detector_weights is not None:
+            paths.append(self.soa_detector_weights)
         # every pretrained encoder variant: the report tabulates their val figures
         paths += [path for path, _, _ in variant_files(self.artifacts / "models")]
         return sorted(set(paths))
@@ -270,11 +276,16 @@ def load_eval_models(checkpoint: GanCheckpoint, files: EvalFiles, split: CocoSpl
         raise CpganError(f"{encoders}: encoders with memory={text.uses_memory}, "
                          f"objects={image.use_objects} do not match the run's switches "
                          f"{switches} ({checkpoint.path})")
-    soa_detector = for_cpu_inference(copy.deepcopy(detector)).to(device)
+    soa_weights = files.detector_weights
+    soa_detector = copy.deepcopy(detector)
+    if files.soa_detector_weights is not None:
+        soa_weights = files.soa_detector_weights
+        soa_detector, category_ids = load_soa_detector(files.detector_cfg, soa_weights, split)
     models = EvalModels(checkpoint, vocab, load_generator(checkpoint).to(device),
                         untrained_generator(config, seed).to(device), text, image,
-                        scoring.to(device), soa_detector, category_ids, files.detector_weights,
-                        seed, rprecision_encoders=str(checkpoint.encoders))
+                        scoring.to(device), for_cpu_inference(soa_detector).to(device),
+                        category_ids, soa_weights, seed,
+                        rprecision_encoders=str(checkpoint.encoders))
     if files.rprecision_encoders is not None:
         models.rprecision_text, models.rprecision_image = load_pretrained_encoders(
             files.rprecision_encoders, vocab, config, files.artifacts / MEMORY_NAME, detector,
