@@ -323,6 +323,13 @@ def test_stage_option_scores_an_earlier_stage_beside_the_main_report(run: Setup,
                                      str(tmp_path / "none"))
 
 
+def _side_report(run: Setup, folder: Path, *extra: str) -> dict:
+    """report.json of ``cpgan-eval ... --report-dir folder`` (the command must succeed)."""
+    result = CliRunner().invoke(eval_cli, _args(run, *extra, "--report-dir", str(folder)))
+    assert result.exit_code == 0, (result.output, result.exception)
+    return json.loads((folder / "report.json").read_text())
+
+
 def _other_encoders(run: Setup) -> Path:
     """The run's encoder file with every learned weight redrawn: another R-precision ruler."""
     source = run.artifacts / sampling.read_checkpoint(run.checkpoint).encoders
@@ -343,11 +350,7 @@ def test_rprecision_encoders_score_every_variant_with_one_ruler(run: Setup, eval
     conditioned by the run's own text encoder, and --report-dir leaves the eval stage alone."""
     ruler = _other_encoders(run)
     record_before = artifacts.read_record(run.artifacts, "eval")
-    folder = tmp_path / "ablation"
-    result = CliRunner().invoke(eval_cli, _args(run, "--rprecision-encoders", str(ruler),
-                                                "--report-dir", str(folder)))
-    assert result.exit_code == 0, (result.output, result.exception)
-    report = json.loads((folder / "report.json").read_text())
+    report = _side_report(run, tmp_path / "ablation", "--rprecision-encoders", str(ruler))
     assert report["config"]["r_precision_encoders"] == str(ruler)
     assert evaluated["config"]["r_precision_encoders"] == "models/damsm.pt"
     # the same generated images (IS and FID agree) scored by another ruler
@@ -386,11 +389,8 @@ def test_soa_detector_weights_score_soa_with_another_detector(run: Setup, evalua
     other = tmp_path / "other-detector.pt"
     torch.save(data, other)
     record_before = artifacts.read_record(run.artifacts, "eval")
-    folder = tmp_path / "second-detector"
-    result = CliRunner().invoke(eval_cli, _args(run, "--soa-detector-weights", str(other),
-                                                "--report-dir", str(folder)))
-    assert result.exit_code == 0, (result.output, result.exception)
-    report = json.loads((folder / "report.json").read_text())
+    report = _side_report(run, tmp_path / "second-detector", "--soa-detector-weights",
+                          str(other))
     assert report["config"]["soa_detector"]["weights"] == str(other)
     assert evaluated["config"]["soa_detector"]["weights"].endswith("models/detector.pt")
     for key in ("fid", "r_precision"):
