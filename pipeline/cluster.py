@@ -14,6 +14,17 @@ from typing import Any, Callable, Sequence
 ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
+def local_cluster(workers: int) -> Any:
+    """A LocalCluster of ``workers`` single-threaded processes, without a dashboard. Its
+    scheduler's HTTP server (health routes only) takes a free port: on dask's default 8787 it
+    would warn whenever another cluster, a notebook's or a test's, already holds that port."""
+    from dask.distributed import LocalCluster
+
+    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                        dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
+                        silence_logs=40, env=ONE_THREAD_ENV)
+
+
 def run_tasks(
     function: Callable[..., int],
     tasks: Sequence[tuple[Any, ...]],
@@ -32,15 +43,14 @@ def run_tasks(
     it a LocalCluster of ``workers`` single-threaded processes is started and closed. Nothing
     starts when ``tasks`` is empty. The first failing task's exception is raised.
     """
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import Client, as_completed
     from tqdm import tqdm
 
     if not tasks:
         return
     cluster = None
     if scheduler is None:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=40, env=ONE_THREAD_ENV)
+        cluster = local_cluster(workers)
     try:
         with Client(scheduler or cluster) as client, tqdm(
             total=total, initial=initial, unit=unit, desc=description, disable=not progress

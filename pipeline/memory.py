@@ -57,7 +57,7 @@ from cpgan.pipeline import artifacts
 from cpgan.pipeline import regions as store
 from cpgan.pipeline.artifacts import TMP_PREFIX, atomic_write, atomic_write_text, fingerprint
 from cpgan.pipeline.attention_table import ATTENTION_SCHEMA
-from cpgan.pipeline.cluster import ONE_THREAD_ENV
+from cpgan.pipeline.cluster import local_cluster
 from cpgan.pipeline.text import SPECIALS, Vocabulary
 
 if TYPE_CHECKING:  # the dask workers import this module: keep torch and OpenCV out of them
@@ -579,12 +579,11 @@ class MemoryResult:
 def dask_client(workers: int, scheduler: str | None) -> Iterator[Any]:
     """A Client on the scheduler at ``scheduler``, or on a LocalCluster of ``workers``
     single-threaded processes that is closed on exit (as ``cluster.run_tasks`` starts one)."""
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
 
     cluster = None
     if scheduler is None:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=40, env=ONE_THREAD_ENV)
+        cluster = local_cluster(workers)
     try:
         with Client(scheduler or cluster) as client:
             yield client

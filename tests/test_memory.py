@@ -37,7 +37,7 @@ def scheduler():
     from dask.distributed import LocalCluster
 
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp",
-                           dashboard_address=None, silence_logs=50)
+                           dashboard_address=":0", silence_logs=50)
     yield cluster.scheduler_address
     cluster.close()
 
