@@ -222,3 +222,27 @@ def test_the_work_ran_on_both_external_workers(runs, external_cluster):
     counts = external_cluster["client"].run(loaded)
     assert len(counts) == 2 and all(count >= 1 for count in counts.values()), counts
     assert all(p.poll() is None for p in external_cluster["processes"])
+
+
+def test_the_stages_local_cluster_leaves_dask_s_default_port_alone():
+    """With dask's default HTTP port 8787 taken (another cluster, a notebook), the cluster a
+    stage starts runs its tasks without warning about the port: its scheduler takes a free one."""
+    import socket
+    import warnings
+
+    from cpgan.pipeline.cluster import run_tasks
+
+    holder = socket.socket()
+    try:
+        holder.bind(("", 8787))
+        holder.listen()
+    except OSError:
+        pass  # already taken by something else: the same situation
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_tasks(len, [("ab",), ("cde",)], workers=1, scheduler=None, total=5,
+                      progress=False)
+    finally:
+        holder.close()
+    assert not [w for w in caught if "8787" in str(w.message)]

@@ -276,9 +276,9 @@ def load_eval_models(checkpoint: GanCheckpoint, files: EvalFiles, split: CocoSpl
         raise CpganError(f"{encoders}: encoders with memory={text.uses_memory}, "
                          f"objects={image.use_objects} do not match the run's switches "
                          f"{switches} ({checkpoint.path})")
-    soa_weights = files.detector_weights
-    soa_detector = copy.deepcopy(detector)
-    if files.soa_detector_weights is not None:
+    if files.soa_detector_weights is None:
+        soa_weights, soa_detector = files.detector_weights, copy.deepcopy(detector)
+    else:
         soa_weights = files.soa_detector_weights
         soa_detector, category_ids = load_soa_detector(files.detector_cfg, soa_weights, split)
     models = EvalModels(checkpoint, vocab, load_generator(checkpoint).to(device),
