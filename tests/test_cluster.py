@@ -16,9 +16,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -225,8 +227,6 @@ def test_the_work_ran_on_both_external_workers(runs, external_cluster):
 
 
 def _port_is_free(port: int) -> bool:
-    import socket
-
     with socket.socket() as probe:
         try:
             probe.bind(("", port))
@@ -238,9 +238,6 @@ def _port_is_free(port: int) -> bool:
 def test_the_stages_local_cluster_leaves_dask_s_default_port_alone():
     """With dask's default HTTP port 8787 taken (another cluster, a notebook), the cluster a
     stage starts runs its tasks without warning about the port: its scheduler takes a free one."""
-    import socket
-    import warnings
-
     from cpgan.pipeline.cluster import run_tasks
 
     holder = socket.socket()
