@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchvision.models.inception import Inception3
 
 from cpgan.errors import CpganError
+from cpgan.torch_file import load_torch_file
 
 TO_MIXED_6E = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
                "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
@@ -61,14 +62,7 @@ def read_state_dict(path: str | Path, what: str, missing_hint: str) -> dict[str,
     ``what`` names the network in errors ("Inception-v3"); ``missing_hint`` says where to get
     the file when it is absent.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CpganError(f"{path}: {what} weights file is missing; {missing_hint}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling refusals, truncated zips, I/O errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CpganError(f"{path}: not a readable torch state dict ({reason})") from None
+    state = load_torch_file(path, f"{what} weights file", missing_hint)
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
                                               for k, v in state.items()):
         raise CpganError(f"{path}: expected a state dict of tensors for {what}")

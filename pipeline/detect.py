@@ -29,6 +29,7 @@ from cpgan.pipeline import regions as store
 from cpgan.pipeline.artifacts import fingerprint, folder_lock, sweep_temporaries
 from cpgan.pipeline.cluster import run_tasks
 from cpgan.pipeline.coco import CocoSplit, iter_images
+from cpgan.torch_file import load_torch_file
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,7 @@ def load_detector(cfg: str | Path, weights: str | Path) -> "torch.nn.Module":
 
 
 def _load_state_file(model: torch.nn.Module, path: Path) -> None:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unpickling refusal or corrupt zip is the same user error
-        raise CpganError(f"{path}: not a plain state-dict file ({type(exc).__name__})") from None
+    data = load_torch_file(path, "detector state-dict file")
     state = data.get("state_dict") if isinstance(data, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CpganError(f"{path}: expected a dict with a 'state_dict' of tensors")

@@ -202,7 +202,7 @@ def test_load_classifier_refuses_files_that_are_not_classifiers(tmp_path: Path) 
         tc.load_classifier(tensor_file)
     pickled = tmp_path / "pickled.pt"
     torch.save({"state_dict": {}, "model": ToyClassifier(8, 8, width=4)}, pickled)
-    with pytest.raises(CpganError, match="not a classifier file"):
+    with pytest.raises(CpganError, match="pickled.pt: not a readable classifier file"):
         tc.load_classifier(pickled)
     wrong = _saved(tmp_path / "wrong.pt")
     data = torch.load(wrong, weights_only=True)
@@ -210,12 +210,12 @@ def test_load_classifier_refuses_files_that_are_not_classifiers(tmp_path: Path) 
     torch.save(data, wrong)
     with pytest.raises(CpganError, match="weights do not fit"):
         tc.load_classifier(wrong)
-    with pytest.raises(CpganError, match="missing.pt: classifier not found"):
+    with pytest.raises(CpganError, match="missing.pt: classifier file not found"):
         tc.load_classifier(tmp_path / "missing.pt")
 
 
 def test_inception_scorer_loads_a_local_state_dict(tmp_path: Path) -> None:
-    with pytest.raises(CpganError, match="inception.pth: Inception-v3 weights file is missing"):
+    with pytest.raises(CpganError, match="inception.pth: Inception-v3 weights file not found"):
         tc.load_scoring_network("inception", tmp_path / "inception.pth")
     path = tmp_path / "inception.pth"
     torch.save(InceptionScorer().net.state_dict(), path)

@@ -199,7 +199,7 @@ def test_non_state_dicts_and_missing_file_are_refused(tmp_path):
     assert "state dict" in _refusal(tmp_path / "mixed.pth")
     (tmp_path / "text.pth").write_text("not a checkpoint")
     assert "readable" in _refusal(tmp_path / "text.pth")
-    assert "missing" in _refusal(tmp_path / "absent.pth")
+    assert "not found" in _refusal(tmp_path / "absent.pth")
 
 
 class _Payload:

@@ -37,11 +37,13 @@ import pytest
 import torch
 
 from cpgan.cli.prep import main as prep_main
+from cpgan.errors import CpganError
 from cpgan.pipeline import regions as store
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.memory import load_memory
 from cpgan.pipeline.text import SPECIALS, Vocabulary, tokenize
 from cpgan.pipeline.toy import generate_toy_coco
+from cpgan.torch_file import load_torch_file
 
 from builders import CFG, one_worker_cluster, run_prep, write_random_weights
 
@@ -405,6 +407,31 @@ def test_the_reduce_payload_is_live(tmp_path):
         else:
             torch.load(path, weights_only=False)
         assert marker.exists()
+
+
+@pytest.mark.parametrize("kind", TORCH_KINDS)
+def test_load_torch_file_refuses_in_one_line_and_runs_nothing(tmp_path, kind):
+    marker = tmp_path / "executed"
+    path = tmp_path / "payload.pt"
+    _hostile_torch_file(kind, marker, path)
+    with pytest.raises(CpganError) as info:
+        load_torch_file(path, "GAN checkpoint")
+    message = str(info.value)
+    assert message.startswith(f"{path}: not a readable GAN checkpoint (") and "\n" not in message
+    assert not marker.exists()
+
+
+def test_load_torch_file_reads_tensors_and_names_a_missing_file(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": {"w": torch.arange(3.0)}, "epoch": 2}, path)
+    data = load_torch_file(path, "detector checkpoint")
+    assert data["epoch"] == 2 and torch.equal(data["state_dict"]["w"], torch.arange(3.0))
+    with pytest.raises(CpganError, match=r"absent\.pt: captioner file not found \(run 'x'\)$"):
+        load_torch_file(tmp_path / "absent.pt", "captioner file", "run 'x'")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CpganError, match="truncated.pt: not a readable detector checkpoint"):
+        load_torch_file(truncated, "detector checkpoint")
 
 
 def _artifacts_with(hostile, tmp_path: Path, target: str, payload: Path) -> Path:

@@ -164,7 +164,7 @@ def test_inception_backbone_features_are_frozen_but_differentiable(
 
 def test_inception_loader_names_missing_file(tmp_path: Path, inception: InceptionBackbone) -> None:
     missing = tmp_path / "inception_v3_google-0cc3c7bd.pth"
-    with pytest.raises(CpganError, match="missing") as info:
+    with pytest.raises(CpganError, match="not found") as info:
         load_inception_weights(inception.net, missing)
     message = str(info.value)
     assert str(missing) in message and "--inception-weights" in message and "\n" not in message

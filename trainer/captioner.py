@@ -62,6 +62,7 @@ from cpgan.model.butd import (
 from cpgan.pipeline import regions as store
 from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.text import Vocabulary
+from cpgan.torch_file import load_torch_file
 
 # in cpgan.layout: the up-to-date checks read these without torch
 TRAIN_SPLIT = layout.CAPTIONER_TRAIN_SPLIT
@@ -343,13 +344,7 @@ def load_captioner(path: str | Path, vocab_size: int | None = None, feature_dim:
     Loaded with ``weights_only=True``; a file for another vocabulary or feature size than the
     caller's is refused rather than producing meaningless attention.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CpganError(f"{path}: captioner not found (run 'cpgan-prep train-attention')")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip or refused content: the same user error
-        raise CpganError(f"{path}: not a captioner file ({type(exc).__name__})") from None
+    data = load_torch_file(path, "captioner file", "run 'cpgan-prep train-attention'")
     if not isinstance(data, dict) or not all(type(data.get(k)) is int for k in _SIZE_KEYS):
         raise CpganError(f"{path}: expected a dict with state_dict and {', '.join(_SIZE_KEYS)}")
     for name, want in (("vocab_size", vocab_size), ("feature_dim", feature_dim)):
@@ -413,11 +408,7 @@ def _with_new_keys(stored: Any, settings: dict[str, Any]) -> Any:
 
 
 def _load_checkpoint(path: Path, settings: dict[str, Any], total_epochs: int) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip or refused content: the same user error
-        raise CpganError(f"{path}: unreadable captioner checkpoint "
-                         f"({type(exc).__name__})") from None
+    state = load_torch_file(path, "captioner checkpoint")
     if not isinstance(state, dict) or _with_new_keys(state.get("settings"), settings) != settings:
         raise CpganError(f"{path}: checkpoint was trained with other settings or data; "
                          "remove it (or drop --resume) to restart")

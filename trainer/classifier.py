@@ -49,6 +49,7 @@ from cpgan.model.classifier import TOY_IMAGE_SIZE, TOY_WIDTH, InceptionScorer, T
 from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.coco import CocoSplit, iter_images
 from cpgan.pipeline.toy import TOY_CATEGORIES, TOY_COLOURS
+from cpgan.torch_file import load_torch_file
 
 # in cpgan.layout: the up-to-date checks read these without torch
 TRAIN_SPLIT = layout.CLASSIFIER_TRAIN_SPLIT
@@ -380,13 +381,7 @@ def load_classifier(path: str | Path, image_size: int | None = None) -> ToyClass
     other than the toy dataset's, and (when ``image_size`` is given) a classifier fitted at
     another image size than the caller scores at.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CpganError(f"{path}: classifier not found (run 'cpgan-eval fit-classifier')")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip or refused content: the same user error
-        raise CpganError(f"{path}: not a classifier file ({type(exc).__name__})") from None
+    data = load_torch_file(path, "classifier file", "run 'cpgan-eval fit-classifier'")
     if not isinstance(data, dict) or not isinstance(data.get("state_dict"), dict) or \
             not all(type(data.get(k)) is int for k in _SIZE_KEYS):
         raise CpganError(f"{path}: expected a dict with state_dict, classes and "

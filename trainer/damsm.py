@@ -91,6 +91,7 @@ from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.categories import swappable_words
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.text import Vocabulary
+from cpgan.torch_file import load_torch_file
 from cpgan.trainer.adversarial import fgsm_views
 from cpgan.trainer.averaging import WeightAverage
 from cpgan.trainer.data import Batch, TextImageDataset, batches, make_loader, pad_caption
@@ -274,13 +275,9 @@ def load_text_state(text: MemoryAttendedTextEncoder, state: dict[str, Tensor]) -
 # Loading pretrained encoders (the GAN's TISCL)
 
 
-def _read_encoder_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CpganError(f"{path}: DAMSM encoders not found (run 'cpgan-train --stage damsm')")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # an unpickling refusal or a corrupt zip: the same user error
-        raise CpganError(f"{path}: not a plain DAMSM encoder file ({type(exc).__name__})") from None
+def read_encoder_file(path: Path) -> dict[str, Any]:
+    """A DAMSM encoder file's dict, its format, sizes and two state dicts checked."""
+    data = load_torch_file(path, "DAMSM encoder file", "run 'cpgan-train --stage damsm'")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CpganError(f"{path}: not a DAMSM encoder file (format {FORMAT} expected)")
     record = data.get("config")
@@ -321,6 +318,26 @@ def _recorded(record: dict[str, Any], key: str) -> Any:
     return record.get(key, "last") if key == "sentence_pooling" else record[key]
 
 
+def recorded_memory(path: Path, record: dict[str, Any], vocab: Vocabulary,
+                    memory_path: str | Path | None) -> Tensor | None:
+    """The memory bank the encoders of ``path`` were trained with, or None without memory.
+
+    ``memory_path`` is required when the encoders use memory; its words are checked against
+    ``vocab`` and its values against the digest the encoder file recorded.
+    """
+    from cpgan.pipeline.memory import load_memory
+
+    if not record["use_memory"]:
+        return None
+    if memory_path is None:
+        raise CpganError(f"{path}: these encoders use the memory bank; pass its memory.h5")
+    memory = load_memory(memory_path, vocab).memory
+    if tensor_digest([("memory", memory)]) != record.get("memory_sha256"):
+        raise CpganError(f"{path}: encoders were trained with another memory bank than "
+                         f"{memory_path}")
+    return memory
+
+
 def load_pretrained_encoders(
     path: str | Path,
     vocab: Vocabulary,
@@ -339,24 +356,15 @@ def load_pretrained_encoders(
     detector (required with objects, digest checked) and the Inception weights (paper
     backbone). Any mismatch is a one-line :class:`CpganError` naming the file.
     """
-    from cpgan.pipeline.memory import load_memory
-
     path = Path(path)
-    data = _read_encoder_file(path)
+    data = read_encoder_file(path)
     record = data["config"]
     if config is not None:
         _check_against_config(path, record, config)
     if record["vocab_size"] != len(vocab):
         raise CpganError(f"{path}: encoders were trained for {record['vocab_size']} words, the "
                          f"vocabulary has {len(vocab)}")
-    memory = None
-    if record["use_memory"]:
-        if memory_path is None:
-            raise CpganError(f"{path}: these encoders use the memory bank; pass its memory.h5")
-        memory = load_memory(memory_path, vocab).memory
-        if tensor_digest([("memory", memory)]) != record.get("memory_sha256"):
-            raise CpganError(f"{path}: encoders were trained with another memory bank than "
-                             f"{memory_path}")
+    memory = recorded_memory(path, record, vocab, memory_path)
     extractor = None
     if record["use_objects"]:
         if detector is None:
@@ -468,10 +476,7 @@ class TrainState:
 
 
 def _load_checkpoint(path: Path, settings: dict[str, Any], total_epochs: int) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt zip or refused content: the same user error
-        raise CpganError(f"{path}: unreadable DAMSM checkpoint ({type(exc).__name__})") from None
+    state = load_torch_file(path, "DAMSM checkpoint")
     if not isinstance(state, dict) or fill_new_keys(state.get("settings"), settings,
                                                     config_defaults("encoder")) != settings:
         raise CpganError(f"{path}: checkpoint was trained with other settings or data; "
@@ -861,8 +866,8 @@ describe_metrics = layout.describe_damsm_metrics  # in cpgan.layout: read withou
 def pretrained_summary(path: Path) -> dict[str, float] | None:
     """The metrics stored in an encoder file, or None when it cannot be read."""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - an unreadable file simply has no summary
+        data = load_torch_file(path, "DAMSM encoder file")
+    except CpganError:  # an unreadable file simply has no summary
         return None
     metrics = data.get("metrics") if isinstance(data, dict) else None
     return metrics if isinstance(metrics, dict) else None

@@ -55,6 +55,7 @@ from cpgan.model.yolo import (
 from cpgan.model.yolo_loss import yolo_loss
 from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.coco import CocoSplit
+from cpgan.torch_file import load_torch_file
 from cpgan.trainer.averaging import WeightAverage
 
 TRAIN_SPLIT = "train2014"
@@ -274,10 +275,7 @@ def _load_checkpoint(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
     Resuming continues *the same* run: another seed, batch size, learning rate, image list or
     epoch count would silently splice two different schedules together.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip or refused content: the same user error
-        raise CpganError(f"{path}: unreadable detector checkpoint ({type(exc).__name__})") from None
+    state = load_torch_file(path, "detector checkpoint")
     if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
         raise CpganError(f"{path}: not a detector training checkpoint")
     for key, value in settings.items():

@@ -77,6 +77,7 @@ from cpgan.model.text_encoder import MemoryAttendedTextEncoder
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.report import AttentionExample, Showcase
 from cpgan.pipeline.text import Vocabulary
+from cpgan.torch_file import load_torch_file
 from cpgan.trainer.data import multi_resolution_sizes
 from cpgan.trainer.sampling import (
     EncodedText,
@@ -173,7 +174,7 @@ def load_soa_detector(cfg: Path, weights: Path, split: CocoSplit) -> tuple[Darkn
     detector = load_detector(cfg, weights)
     known = split.categories()
     if Path(weights).suffix == ".pt":
-        data = torch.load(weights, map_location="cpu", weights_only=True)
+        data = load_torch_file(weights, "detector state-dict file")
         ids = data.get("category_ids") if isinstance(data, dict) else None
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
             raise CpganError(f"{weights}: no 'category_ids' list (write it with "

@@ -87,6 +87,7 @@ from cpgan.model.text_encoder import MemoryAttendedTextEncoder
 from cpgan.pipeline.artifacts import atomic_write, atomic_write_text, sweep_temporaries
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.text import PAD_ID, Vocabulary
+from cpgan.torch_file import load_torch_file
 from cpgan.trainer.damsm import _rng_state as global_rng_state
 from cpgan.trainer.damsm import _set_rng_state
 from cpgan.trainer.sampling import build_generator, enlarge
@@ -578,10 +579,7 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A GAN checkpoint, read with ``weights_only=True`` and checked for the contract's keys."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # an unpickling refusal or a corrupt zip: the same user error
-        raise CpganError(f"{path}: unreadable GAN checkpoint ({type(exc).__name__})") from None
+    data = load_torch_file(path, "GAN checkpoint")
     if not isinstance(data, dict) or data.get("kind") != KIND or data.get("format") != FORMAT:
         raise CpganError(f"{path}: not a CPGAN GAN checkpoint (format {FORMAT}, kind {KIND})")
     if set(data) != CHECKPOINT_KEYS:

@@ -38,6 +38,7 @@ from cpgan.errors import CpganError
 from cpgan.model.generator import ConditioningAugmentation, Generator, GeneratorOutput, truncated_normal
 from cpgan.model.text_encoder import MemoryAttendedTextEncoder
 from cpgan.pipeline.text import PAD_ID, UNK_ID, Vocabulary, tokenize
+from cpgan.torch_file import load_torch_file
 from cpgan.trainer.data import multi_resolution_sizes
 
 FORMAT = 1
@@ -145,14 +146,8 @@ def _check_fields(path: Path, data: dict[str, Any]) -> None:
 def read_checkpoint(path: str | Path) -> GanCheckpoint:
     """Load and validate a GAN run checkpoint (the contract's ``checkpoint.pt``)."""
     path = Path(path)
-    if not path.is_file():
-        raise CpganError(f"{path}: GAN checkpoint not found (train one with 'cpgan-train', or "
-                         "pass --checkpoint)")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # an unpickling refusal or a corrupt zip: the same user error
-        raise CpganError(f"{path}: not loadable with weights_only=True, so not a GAN "
-                         f"checkpoint ({type(exc).__name__})") from None
+    data = load_torch_file(path, "GAN checkpoint",
+                           "train one with 'cpgan-train', or pass --checkpoint")
     if not isinstance(data, dict):
         raise CpganError(f"{path}: not a GAN checkpoint (expected a dict)")
     missing = [key for key in CHECKPOINT_KEYS if key not in data]
@@ -221,36 +216,23 @@ def load_text_encoder(path: str | Path, vocab: Vocabulary, config: Config,
     text encoder, the memory bank and the generator alone. The same checks apply to what it
     reads: vocabulary size, sizes against ``config``, and the memory bank's digest.
     """
-    from cpgan.pipeline.memory import load_memory
-    from cpgan.trainer.damsm import FORMAT as DAMSM_FORMAT
-    from cpgan.trainer.damsm import build_text_encoder, load_text_state, tensor_digest
+    from cpgan.trainer.damsm import (
+        build_text_encoder,
+        load_text_state,
+        read_encoder_file,
+        recorded_memory,
+    )
 
     path = Path(path)
-    if not path.is_file():
-        raise CpganError(f"{path}: DAMSM encoders not found (run 'cpgan-train --stage damsm')")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # an unpickling refusal or a corrupt zip
-        raise CpganError(f"{path}: not a plain DAMSM encoder file ({type(exc).__name__})") from None
-    record = data.get("config") if isinstance(data, dict) else None
-    if not isinstance(record, dict) or data.get("format") != DAMSM_FORMAT or \
-            not _is_state(data.get("text_encoder")):
-        raise CpganError(f"{path}: not a DAMSM encoder file (format {DAMSM_FORMAT} with a "
-                         "config and a text_encoder state dict)")
+    data = read_encoder_file(path)
+    record = data["config"]
     sizes = {"vocab_size": len(vocab), "word_embed_dim": config.encoder.word_embed_dim,
              "text_dim": config.encoder.text_dim}
     for key, wanted in sizes.items():
         if record.get(key) != wanted:
             raise CpganError(f"{path}: encoders have {key} = {record.get(key)!r}, the GAN "
                              f"run needs {wanted!r}")
-    memory = None
-    if record.get("use_memory"):
-        if memory_path is None:
-            raise CpganError(f"{path}: these encoders use the memory bank, the run has none")
-        memory = load_memory(memory_path, vocab).memory
-        if tensor_digest([("memory", memory)]) != record.get("memory_sha256"):
-            raise CpganError(f"{path}: encoders were trained with another memory bank than "
-                             f"{memory_path}")
+    memory = recorded_memory(path, record, vocab, memory_path)
     text = build_text_encoder(len(vocab), config.encoder, memory)
     try:
         load_text_state(text, data["text_encoder"])
