@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from cpgan.cli.common import RunContext, common_options
+from cpgan.cli.common import RunContext, cluster_options, common_options
 from cpgan.config import config_defaults
 from cpgan.errors import CpganError
 from cpgan.layout import (
@@ -23,7 +23,6 @@ from cpgan.layout import (
     split_shards,
 )
 from cpgan.pipeline import artifacts
-from cpgan.pipeline.cluster import default_workers
 
 SPLITS = ("train2014", "val2014")
 
@@ -108,13 +107,7 @@ def train_attention(run: RunContext, epochs: int | None, batch_size: int | None,
 @click.command("attend")
 @common_options
 @click.option("--split", type=click.Choice(SPLITS), default="train2014", show_default=True)
-@click.option("--workers", type=click.IntRange(min=1), default=default_workers(),
-              show_default="the number of CPU cores",
-              help="Dask worker processes of the LocalCluster, one torch thread each "
-              "(ignored with --scheduler).")
-@click.option("--scheduler", default=None,
-              help="Address of an existing dask scheduler, e.g. tcp://host:8786 "
-              "(the artifacts folder must be on a filesystem the workers share).")
+@cluster_options
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Captions per forward pass.")

@@ -12,6 +12,7 @@ import click
 
 from cpgan.config import PRESETS, Config, load_config
 from cpgan.errors import CpganError
+from cpgan.pipeline.cluster import default_workers
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TOY_DIRNAME = "toy-coco"
@@ -91,6 +92,24 @@ def common_options(command: Callable[..., Any]) -> Callable[..., Any]:
         return command(run=run, **kwargs)
 
     return wrapper
+
+
+def cluster_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --workers and --scheduler, the dask cluster of a parallel prep stage."""
+    command = click.option(
+        "--scheduler",
+        default=None,
+        help="Address of an existing dask scheduler, e.g. tcp://host:8786 "
+        "(the artifacts folder must be on a filesystem the workers share).",
+    )(command)
+    return click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=default_workers(),
+        show_default="the number of CPU cores",
+        help="Dask worker processes of the LocalCluster, one torch thread each "
+        "(ignored with --scheduler).",
+    )(command)
 
 
 def report_errors(main: Callable[..., Any]) -> Callable[..., Any]:

@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cpgan.cli.common import RunContext, common_options
+from cpgan.cli.common import RunContext, cluster_options, common_options
 from cpgan.pipeline import artifacts
-from cpgan.pipeline.cluster import default_workers
 
 if TYPE_CHECKING:
     from cpgan.pipeline.memory import MemoryResult
@@ -27,12 +26,7 @@ SHOWN_ZERO_SUPPORT = 8
               "(default: the preset's memory.topk, 5).")
 @click.option("--split", type=click.Choice(SPLITS), default="train2014", show_default=True,
               help="Captions whose attention builds the memory (the paper uses train).")
-@click.option("--workers", type=click.IntRange(min=1), default=default_workers(),
-              show_default="the number of CPU cores",
-              help="Dask worker processes of the LocalCluster (ignored with --scheduler).")
-@click.option("--scheduler", default=None,
-              help="Address of an existing dask scheduler, e.g. tcp://host:8786 "
-              "(the artifacts folder must be on a filesystem the workers share).")
+@cluster_options
 @click.option("--purity/--no-purity", default=True, show_default=True,
               help="Write memory_purity.json: how often the regions chosen for a category "
               "word overlap an instance of that category (needs the instances file).")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from cpgan.cli.common import TOY_DIRNAME, RunContext, common_options, report_errors
+from cpgan.cli.common import TOY_DIRNAME, RunContext, cluster_options, common_options, report_errors
 from cpgan.config import DETECTOR_KEYS_TRAINING_IGNORES, config_defaults
 from cpgan.layout import (
     DETECTOR_DARKNET_NAME,
@@ -19,7 +19,6 @@ from cpgan.layout import (
     annotation_file,
 )
 from cpgan.pipeline import artifacts
-from cpgan.pipeline.cluster import default_workers
 
 
 @click.group(
@@ -182,13 +181,7 @@ def inspect_weights(weights: Path, cfg: Path) -> None:
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Darknet .weights file or models/detector.pt "
               "(default: <artifacts>/models/detector.pt from train-detector).")
-@click.option("--workers", type=click.IntRange(min=1), default=default_workers(),
-              show_default="the number of CPU cores",
-              help="Dask worker processes of the LocalCluster, one torch thread each "
-              "(ignored with --scheduler).")
-@click.option("--scheduler", default=None,
-              help="Address of an existing dask scheduler, e.g. tcp://host:8786 "
-              "(the artifacts folder must be on a filesystem the workers share).")
+@cluster_options
 @click.option("--shard-size", type=click.IntRange(min=1), default=None,
               help="Images per HDF5 shard and per dask task (default: preset).")
 @click.option("--feature-layer", type=click.IntRange(min=0), default=None,
