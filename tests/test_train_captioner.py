@@ -181,6 +181,10 @@ def test_resume_continues_exactly(data, trained, tmp_path):
         assert torch.equal(ours["optimizer"]["state"][key]["exp_avg"], value["exp_avg"])
     with pytest.raises(CpganError, match="other settings"):
         _train(data, models, epochs=4, batch_size=4, resume=True)
+    del ours["optimizer"]
+    torch.save(ours, models / CHECKPOINT_NAME)
+    with pytest.raises(CpganError, match=r"captioner.*do not fit this run \('optimizer'\)"):
+        _train(data, models, epochs=4, resume=True)
 
 
 def test_a_setting_the_checkpoint_predates_counts_as_its_default(data, tmp_path):

@@ -265,6 +265,10 @@ def test_a_checkpoint_from_before_a_key_resumes_while_the_key_is_at_its_default(
     torch.save({"settings": {**settings, "encoder": {"gamma1": 4.0}}, "epoch": 1}, path)
     with pytest.raises(CpganError, match="other settings"):
         damsm._load_checkpoint(path, settings, 2)
+    for epoch, refusal in (("1", "no epoch count"), (-1, "no epoch count"), (3, "beyond the 2")):
+        torch.save({"settings": settings, "epoch": epoch}, path)
+        with pytest.raises(CpganError, match=refusal):
+            damsm._load_checkpoint(path, settings, 2)
 
 
 def test_a_file_of_another_sentence_pooling_is_refused(setup, straight, tmp_path):

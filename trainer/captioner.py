@@ -63,6 +63,7 @@ from cpgan.pipeline import regions as store
 from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.text import Vocabulary
 from cpgan.torch_file import load_torch_file
+from cpgan.trainer.resume import load_epoch_checkpoint, refusing_unfit_checkpoint
 
 # in cpgan.layout: the up-to-date checks read these without torch
 TRAIN_SPLIT = layout.CAPTIONER_TRAIN_SPLIT
@@ -408,14 +409,8 @@ def _with_new_keys(stored: Any, settings: dict[str, Any]) -> Any:
 
 
 def _load_checkpoint(path: Path, settings: dict[str, Any], total_epochs: int) -> dict[str, Any]:
-    state = load_torch_file(path, "captioner checkpoint")
-    if not isinstance(state, dict) or _with_new_keys(state.get("settings"), settings) != settings:
-        raise CpganError(f"{path}: checkpoint was trained with other settings or data; "
-                         "remove it (or drop --resume) to restart")
-    if state["epoch"] > total_epochs:
-        raise CpganError(f"{path}: checkpoint is at epoch {state['epoch']}, beyond the "
-                         f"{total_epochs} epochs asked for")
-    return state
+    return load_epoch_checkpoint(path, "captioner checkpoint", settings, total_epochs,
+                                 lambda stored: _with_new_keys(stored, settings))
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -533,7 +528,8 @@ def train_captioner(
                 "num_classes": num_classes, "train_pairs": train_counts["pairs"], "limit": limit}
     checkpoint = Path(models_dir) / CHECKPOINT_NAME
     if resume and checkpoint.exists():
-        state.restore(_load_checkpoint(checkpoint, settings, epochs))
+        with refusing_unfit_checkpoint(checkpoint):
+            state.restore(_load_checkpoint(checkpoint, settings, epochs))
     for epoch in range(state.epoch, epochs):
         with tqdm(total=train_counts["pairs"], desc=f"captioner {epoch + 1}/{epochs}",
                   unit="cap", disable=not progress) as bar:

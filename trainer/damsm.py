@@ -97,6 +97,12 @@ from cpgan.trainer.averaging import WeightAverage
 from cpgan.trainer.data import Batch, TextImageDataset, batches, make_loader, pad_caption
 from cpgan.trainer.negatives import WordSwaps, swapped_captions, words_of_kind
 from cpgan.trainer.region_cache import RegionCache, cache_bytes
+from cpgan.trainer.resume import (
+    load_epoch_checkpoint,
+    refusing_unfit_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 
 TRAIN_SPLIT = "train2014"
 VAL_SPLIT = "val2014"
@@ -402,20 +408,6 @@ def _frozen(module: torch.nn.Module, device: str | torch.device) -> Any:
 # Training state
 
 
-def _rng_state() -> dict[str, Any]:
-    """The RNGs that drive dropout (data draws depend on (seed, epoch, index) only)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 @dataclass
 class TrainState:
     """Everything a resumed run needs to continue exactly; saved after every epoch."""
@@ -454,7 +446,7 @@ class TrainState:
         return {
             **encoder_states(self.text, self.image), "average": average,
             "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
-            "history": [dict(h) for h in self.history], "rng": _rng_state(),
+            "history": [dict(h) for h in self.history], "rng": rng_state(),
             "failed_ids": list(self.failed), "failed_reasons": list(self.failed.values()),
             "failed_indices": sorted(self.failed_indices), "settings": settings,
         }
@@ -472,19 +464,15 @@ class TrainState:
         self.history = [dict(h) for h in state["history"]]
         self.failed = dict(zip(state["failed_ids"], state["failed_reasons"]))
         self.failed_indices = set(state["failed_indices"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
 
 
 def _load_checkpoint(path: Path, settings: dict[str, Any], total_epochs: int) -> dict[str, Any]:
-    state = load_torch_file(path, "DAMSM checkpoint")
-    if not isinstance(state, dict) or fill_new_keys(state.get("settings"), settings,
-                                                    config_defaults("encoder")) != settings:
-        raise CpganError(f"{path}: checkpoint was trained with other settings or data; "
-                         "remove it (or drop --resume) to restart")
-    if state["epoch"] > total_epochs:
-        raise CpganError(f"{path}: checkpoint is at epoch {state['epoch']}, beyond the "
-                         f"{total_epochs} epochs asked for")
-    return state
+    """The resume checkpoint, its settings read with the encoder keys it predates at their
+    defaults."""
+    return load_epoch_checkpoint(
+        path, "DAMSM checkpoint", settings, total_epochs,
+        lambda stored: fill_new_keys(stored, settings, config_defaults("encoder")))
 
 
 def _save(path: Path, payload: dict[str, Any]) -> None:
@@ -796,7 +784,8 @@ def _train(coco_root: Path, models_dir: Path, config: Config, vocab: Vocabulary,
     use_memory, use_objects = memory is not None, detector is not None
     checkpoint = checkpoint_path(models_dir, use_memory, use_objects)
     if resume and checkpoint.exists():
-        state.restore(_load_checkpoint(checkpoint, settings, encoder.epochs))
+        with refusing_unfit_checkpoint(checkpoint):
+            state.restore(_load_checkpoint(checkpoint, settings, encoder.epochs))
 
     name = model_name(use_memory, use_objects)
     train_regions = val_regions = None

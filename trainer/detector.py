@@ -57,6 +57,7 @@ from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.torch_file import load_torch_file
 from cpgan.trainer.averaging import WeightAverage
+from cpgan.trainer.resume import refusing_unfit_checkpoint
 
 TRAIN_SPLIT = "train2014"
 VAL_SPLIT = "val2014"
@@ -558,7 +559,8 @@ def _train(coco_root: Path, artifacts: Path, config: DetectorConfig, seed: int, 
                 "average_decay": config.train_average_decay, "cfg": str(cfg_path),
                 "category_ids": category_ids, "image_ids": image_ids}
     if resume and checkpoint.exists():
-        run.restore(_load_checkpoint(checkpoint, settings))
+        with refusing_unfit_checkpoint(checkpoint):
+            run.restore(_load_checkpoint(checkpoint, settings))
 
     for epoch in range(run.epoch, total_epochs):
         dataset.epoch = epoch

@@ -88,9 +88,6 @@ from cpgan.pipeline.artifacts import atomic_write, atomic_write_text, sweep_temp
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.text import PAD_ID, Vocabulary
 from cpgan.torch_file import load_torch_file
-from cpgan.trainer.damsm import _rng_state as global_rng_state
-from cpgan.trainer.damsm import _set_rng_state
-from cpgan.trainer.sampling import build_generator, enlarge
 from cpgan.trainer.data import (
     Batch,
     TextImageDataset,
@@ -99,6 +96,8 @@ from cpgan.trainer.data import (
     epoch_order,
     multi_resolution_sizes,
 )
+from cpgan.trainer.resume import refusing_unfit_checkpoint, rng_state, set_rng_state
+from cpgan.trainer.sampling import build_generator, enlarge
 
 RUN_STEM = layout.RUN_STEM  # in cpgan.layout: read without torch
 FORMAT = 1
@@ -540,7 +539,7 @@ def _state_dict(module: nn.Module) -> dict[str, Tensor]:
 
 def _rng_state(seed: int) -> dict[str, Any]:
     """Steps reseed every draw from (seed, step, rank); the global states are kept as well."""
-    return {"seed": seed, **global_rng_state()}
+    return {"seed": seed, **rng_state()}
 
 
 @dataclass
@@ -621,16 +620,13 @@ def check_resumable(path: Path, data: dict[str, Any], info: RunInfo) -> None:
 
 
 def restore_state(state: GanState, data: dict[str, Any], path: Path) -> None:
-    try:
+    with refusing_unfit_checkpoint(path):
         state.generator.load_state_dict(data["generator"])
         state.generator_ema.load_state_dict(data["generator_ema"])
         state.discriminators.load_state_dict(data["discriminators"])
         state.optimizer_g.load_state_dict(data["optimizer_g"])
         state.optimizer_d.load_state_dict(data["optimizer_d"])
-        _set_rng_state(data["rng"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        raise CpganError(f"{path}: weights or RNG states do not fit this run "
-                         f"({str(exc).strip().splitlines()[0]})") from None
+        set_rng_state(data["rng"])
     state.step = int(data["step"])
 
 
