@@ -307,6 +307,8 @@ METRIC_ROWS = (
     ("soa_i", "SOA-I", "higher is better"),
     ("soa_no_object", "SOA images where the detector finds no object",
      "lower is better (real: near 0)"),
+    ("soa_unnamed", "SOA detections of a class the caption does not name",
+     "lower is better (real: what captions leave unnamed)"),
 )
 
 

@@ -29,7 +29,7 @@ from test_sample import Setup, make_setup
 
 VAL_IMAGES = 12
 METRIC_KEYS = {"inception_score", "fid", "r_precision", "r_precision_in_batch", "soa_c", "soa_i",
-               "soa_no_object"}
+               "soa_no_object", "soa_unnamed"}
 
 
 def _val_pairs(setup: Setup) -> TextImageDataset:
@@ -144,6 +144,7 @@ def test_report_has_every_metric_for_all_three_blocks(evaluated: dict):
         assert entry["fid"] >= 0.0
         assert 0.0 <= entry["soa_c"] <= 1.0 and 0.0 <= entry["soa_i"] <= 1.0
         assert 0.0 <= entry["soa_no_object"] <= 1.0
+        assert entry["soa_unnamed"] is None or 0.0 <= entry["soa_unnamed"] <= 1.0
     config = evaluated["config"]
     assert config["num_images"] == VAL_IMAGES and config["checkpoint"]["step"] == 40
     assert config["r_precision"]["candidates"] == VAL_IMAGES      # fewer than 100: recorded
@@ -397,6 +398,7 @@ def test_soa_detector_weights_score_soa_with_another_detector(run: Setup, evalua
         assert report["generated"][key] == pytest.approx(evaluated["generated"][key], rel=1e-5)
     assert evaluated["generated"]["soa_no_object"] < 1.0
     assert report["generated"]["soa_no_object"] == report["real"]["soa_no_object"] == 1.0
+    assert report["generated"]["soa_unnamed"] is report["real"]["soa_unnamed"] is None
     assert artifacts.read_record(run.artifacts, "eval") == record_before
     assert "--report-dir" in _error(run, capsys, "--soa-detector-weights", str(other))
 

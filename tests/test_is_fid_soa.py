@@ -24,6 +24,7 @@ from cpgan.model.metrics import (
     soa_class_recall,
     soa_no_object,
     soa_scores,
+    soa_unnamed,
 )
 from cpgan.pipeline.toy import TOY_CATEGORIES, category_words
 
@@ -181,6 +182,21 @@ def test_soa_no_object_counts_images_without_any_detection() -> None:
     assert soa_no_object([set()] * 4, expected[:4]) == 1.0
     with pytest.raises(ValueError):
         soa_no_object([set()], [set()])
+
+
+def test_soa_unnamed_is_the_share_of_findings_the_caption_does_not_name() -> None:
+    """Findings in the four images that name a class: circle (named), triangle (not), square
+    (named), square and triangle (one not): 2 of 5 unnamed. Image 4 names nothing and its
+    circle does not count. A detector that finds nothing leaves the share undefined."""
+    expected = [{CIRCLE}, {CIRCLE, SQUARE}, {SQUARE}, {SQUARE}, set()]
+    detected = [{CIRCLE}, {TRIANGLE}, {SQUARE}, {SQUARE, TRIANGLE}, {CIRCLE}]
+    assert soa_unnamed(detected, expected) == pytest.approx(2 / 5)
+    assert soa_unnamed([set(e) for e in expected[:4]], expected[:4]) == 0.0
+    flat = [{CIRCLE, SQUARE, TRIANGLE}] * 4  # one image for every caption, three classes seen
+    assert soa_unnamed(flat, expected[:4]) == pytest.approx(7 / 12)
+    assert soa_unnamed([set()] * 4, expected[:4]) is None
+    with pytest.raises(ValueError):
+        soa_unnamed([set()], [set()])
 
 
 def test_soa_from_captions_end_to_end() -> None:

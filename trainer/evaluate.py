@@ -72,6 +72,7 @@ from cpgan.model.metrics import (
     soa_class_recall,
     soa_no_object,
     soa_scores,
+    soa_unnamed,
 )
 from cpgan.model.text_encoder import MemoryAttendedTextEncoder
 from cpgan.pipeline.coco import CocoSplit
@@ -511,12 +512,12 @@ def _soa(detected: list[set[int]], expected: list[set[int]],
          names: dict[int, str]) -> dict[str, Any]:
     named = sum(1 for e in expected if e)
     if not named:
-        return {"soa_c": None, "soa_i": None, "soa_no_object": None, "soa_images": 0,
-                "soa_per_class": {}}
+        return {"soa_c": None, "soa_i": None, "soa_no_object": None, "soa_unnamed": None,
+                "soa_images": 0, "soa_per_class": {}}
     soa_c, soa_i = soa_scores(detected, expected)
     recall = soa_class_recall(detected, expected)
     return {"soa_c": soa_c, "soa_i": soa_i, "soa_no_object": soa_no_object(detected, expected),
-            "soa_images": named,
+            "soa_unnamed": soa_unnamed(detected, expected), "soa_images": named,
             "soa_per_class": {names.get(c, str(c)): hits / total
                               for c, (hits, total) in recall.items()}}
 
