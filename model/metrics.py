@@ -272,17 +272,24 @@ def soa_scores(detected: list[set[int]], expected: list[set[int]]) -> tuple[floa
     return soa_c, float(soa_i)
 
 
+def _soa_images(detected: list[set[int]],
+                expected: list[set[int]]) -> list[tuple[set[int], set[int]]]:
+    """(found, named) of SOA's images: those whose caption names at least one class."""
+    if len(detected) != len(expected):
+        raise ValueError(f"{len(detected)} detection sets for {len(expected)} captions")
+    counted = [(found, named) for found, named in zip(detected, expected) if named]
+    if not counted:
+        raise ValueError("SOA needs at least one caption that names a detector class")
+    return counted
+
+
 def soa_no_object(detected: list[set[int]], expected: list[set[int]]) -> float:
     """The share of SOA's images (those whose caption names a class) in which the detector
     finds no object of any class. It splits SOA-C's misses in two: objects the detector does
     not see at all, and objects it calls something else (the toy GAN's 750-step images: 0.40
     of them show it nothing, real images 0.02; RESULTS.md, session 19)."""
-    if len(detected) != len(expected):
-        raise ValueError(f"{len(detected)} detection sets for {len(expected)} captions")
-    counted = [found for found, named in zip(detected, expected) if named]
-    if not counted:
-        raise ValueError("SOA needs at least one caption that names a detector class")
-    return sum(1 for found in counted if not found) / len(counted)
+    counted = _soa_images(detected, expected)
+    return sum(1 for found, _ in counted if not found) / len(counted)
 
 
 def soa_unnamed(detected: list[set[int]], expected: list[set[int]]) -> float | None:
@@ -298,11 +305,7 @@ def soa_unnamed(detected: list[set[int]], expected: list[set[int]]) -> float | N
     images give the level that captions' omissions leave (toy val 0.18: a caption of a
     three-shape image may name two of them).
     """
-    if len(detected) != len(expected):
-        raise ValueError(f"{len(detected)} detection sets for {len(expected)} captions")
-    counted = [(found, named) for found, named in zip(detected, expected) if named]
-    if not counted:
-        raise ValueError("SOA needs at least one caption that names a detector class")
+    counted = _soa_images(detected, expected)
     findings = sum(len(found) for found, _ in counted)
     if findings == 0:
         return None

@@ -144,7 +144,10 @@ def test_report_has_every_metric_for_all_three_blocks(evaluated: dict):
         assert entry["fid"] >= 0.0
         assert 0.0 <= entry["soa_c"] <= 1.0 and 0.0 <= entry["soa_i"] <= 1.0
         assert 0.0 <= entry["soa_no_object"] <= 1.0
-        assert entry["soa_unnamed"] is None or 0.0 <= entry["soa_unnamed"] <= 1.0
+        if entry["soa_no_object"] == 1.0:  # nothing found anywhere: no share to take
+            assert entry["soa_unnamed"] is None, block
+        else:
+            assert 0.0 <= entry["soa_unnamed"] <= 1.0, block
     config = evaluated["config"]
     assert config["num_images"] == VAL_IMAGES and config["checkpoint"]["step"] == 40
     assert config["r_precision"]["candidates"] == VAL_IMAGES      # fewer than 100: recorded
