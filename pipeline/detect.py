@@ -70,6 +70,13 @@ class DetectSettings:
 def load_detector(cfg: str | Path, weights: str | Path) -> "torch.nn.Module":
     """A Darknet from ``cfg`` with ``weights``: a Darknet ``.weights`` file or the state-dict
     file ``models/detector.pt`` written by ``train-detector`` (loaded with weights_only)."""
+    return load_detector_record(cfg, weights)[0]
+
+
+def load_detector_record(cfg: str | Path, weights: str | Path) -> tuple["torch.nn.Module", dict]:
+    """``load_detector`` and what else the weights file records: the whole ``detector.pt`` dict
+    (its ``category_ids`` and ``class_names``), or ``{}`` for a Darknet ``.weights`` file, which
+    records nothing but weights. One read of the file serves both."""
     from cpgan.model.darknet import Darknet, read_weights
 
     model = Darknet.from_cfg_file(cfg)
@@ -77,14 +84,15 @@ def load_detector(cfg: str | Path, weights: str | Path) -> "torch.nn.Module":
     if not weights.is_file():
         raise CpganError(f"{weights}: detector weights not found (train one with "
                          "'cpgan-prep train-detector' or pass --weights)")
+    record: dict = {}
     if weights.suffix == ".pt":
-        _load_state_file(model, weights)
+        record = _load_state_file(model, weights)
     else:
         read_weights(model, weights)
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False), record
 
 
-def _load_state_file(model: torch.nn.Module, path: Path) -> None:
+def _load_state_file(model: torch.nn.Module, path: Path) -> dict:
     data = load_torch_file(path, "detector state-dict file")
     state = data.get("state_dict") if isinstance(data, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -97,6 +105,7 @@ def _load_state_file(model: torch.nn.Module, path: Path) -> None:
             raise CpganError(f"{path}: {key} has shape {tuple(tensor.shape)}, "
                              f"{model.source} needs {tuple(expected[key].shape)}")
     model.load_state_dict(state)
+    return data
 
 
 _WORKER_CACHE: dict[tuple, Any] = {}

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from cpgan.cli.evaluate import cli as eval_cli
 from cpgan.cli.evaluate import main as eval_main
+from cpgan.errors import CpganError
 from cpgan.model.classifier import ToyClassifier
 from cpgan.model.metrics import fid
 from cpgan.pipeline import artifacts
@@ -25,6 +26,7 @@ from cpgan.pipeline.toy import TOY_CATEGORIES, TOY_COLOURS
 from cpgan.trainer import evaluate, sampling
 from cpgan.trainer.classifier import load_classifier, save_classifier, score_images
 from cpgan.trainer.data import TextImageDataset
+from builders import CFG
 from test_sample import Setup, make_setup
 
 VAL_IMAGES = 12
@@ -404,6 +406,34 @@ def test_soa_detector_weights_score_soa_with_another_detector(run: Setup, evalua
     assert report["generated"]["soa_unnamed"] is report["real"]["soa_unnamed"] is None
     assert artifacts.read_record(run.artifacts, "eval") == record_before
     assert "--report-dir" in _error(run, capsys, "--soa-detector-weights", str(other))
+
+
+def test_soa_detector_ids_come_from_its_file_read_once(run: Setup, tmp_path: Path,
+                                                       monkeypatch):
+    """detector.pt's category ids map its classes to the split's; a file without them, with
+    the wrong number or with an id the split lacks is refused naming the file."""
+    from cpgan.pipeline import detect
+
+    split = CocoSplit.open(run.coco, "val2014")
+    weights = run.artifacts / "models" / "detector.pt"
+    reads = []
+    real_load = detect.load_torch_file
+    monkeypatch.setattr(detect, "load_torch_file",
+                        lambda *args: reads.append(args) or real_load(*args))
+    detector, ids = evaluate.load_soa_detector(CFG, weights, split)
+    assert ids == sorted(split.categories()) and len(ids) == detector.num_classes
+    assert len(reads) == 1
+    data = torch.load(weights, weights_only=True)
+    for change, message in ((lambda d: d.pop("category_ids"), "no 'category_ids'"),
+                            (lambda d: d["category_ids"].pop(), "7 category ids"),
+                            (lambda d: d["category_ids"].__setitem__(0, 999), "category id 999")):
+        bad = {**data, "category_ids": list(data["category_ids"])}
+        change(bad)
+        path = tmp_path / "bad-detector.pt"
+        torch.save(bad, path)
+        with pytest.raises(CpganError, match=re.escape(message)) as info:
+            evaluate.load_soa_detector(CFG, path, split)
+        assert str(path) in str(info.value)
 
 
 def _error(run: Setup, capsys, *extra: str) -> str:

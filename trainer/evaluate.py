@@ -78,7 +78,6 @@ from cpgan.model.text_encoder import MemoryAttendedTextEncoder
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.report import AttentionExample, Showcase
 from cpgan.pipeline.text import Vocabulary
-from cpgan.torch_file import load_torch_file
 from cpgan.trainer.data import multi_resolution_sizes
 from cpgan.trainer.sampling import (
     EncodedText,
@@ -170,13 +169,12 @@ def load_soa_detector(cfg: Path, weights: Path, split: CocoSplit) -> tuple[Darkn
     ``models/detector.pt`` records its category ids; a Darknet ``.weights`` file does not, and
     its classes are then the split's categories in id order (the COCO-trained YOLOv3's 80).
     """
-    from cpgan.pipeline.detect import load_detector
+    from cpgan.pipeline.detect import load_detector_record
 
-    detector = load_detector(cfg, weights)
+    detector, record = load_detector_record(cfg, weights)
     known = split.categories()
     if Path(weights).suffix == ".pt":
-        data = load_torch_file(weights, "detector state-dict file")
-        ids = data.get("category_ids") if isinstance(data, dict) else None
+        ids = record.get("category_ids")
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
             raise CpganError(f"{weights}: no 'category_ids' list (write it with "
                              "'cpgan-prep train-detector')")
