@@ -1,6 +1,8 @@
 """train-attention: the Up-Down captioner learns from region shards; checkpoints resume exactly."""
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -212,3 +214,43 @@ def test_missing_val_shards_is_a_clear_error(data, tmp_path):
     with pytest.raises(CpganError, match="detect --split val2014"):
         train_captioner(regions, tmp_path / "m", data["train"], data["val"], data["vocab"],
                         CONFIG, MAX_WORDS, progress=False, epochs=1)
+
+
+def _narrow_val_shards(regions: Path, width: int) -> None:
+    """Rewrite ``regions``' val shards with features cut to ``width`` dimensions, as a detector
+    with another backbone layer would have written them."""
+    for path in sorted(regions.glob("val2014-*.h5")):
+        with store.RegionShard(path) as shard:
+            columns = {name: shard.read(name) for name in
+                       ("image_id", "boxes", "scores", "labels", "num_regions", "features")}
+        path.unlink()  # a symlink to the shared fixture: replaced, never written through
+        columns["features"] = columns["features"][..., :width]
+        store.write_shard(path, store.RegionRows(*columns.values()), {"provenance": "narrow"})
+
+
+def test_splits_that_cannot_train_together_are_refused(data, tmp_path):
+    regions = tmp_path / "regions"
+    regions.mkdir()
+    for path in data["regions"].iterdir():
+        (regions / path.name).symlink_to(path)
+    train = partial(train_captioner, models_dir=tmp_path / "m", vocab=data["vocab"],
+                    config=CONFIG, max_words=MAX_WORDS, progress=False, epochs=1)
+    with pytest.raises(CpganError, match="no train2014 image with regions and captions"):
+        train(regions, train_split=data["train"], val_split=data["val"], limit=0)
+
+    coco = tmp_path / "coco"
+    shutil.copytree(data["train"].root, coco)
+    instances = data["val"].instances_file
+    record = json.loads(instances.read_text())
+    record["categories"][0]["name"] = "oval"
+    (coco / instances.relative_to(data["val"].root)).write_text(json.dumps(record))
+    renamed = CocoSplit.open(coco, "val2014")
+    with pytest.raises(CpganError, match="instances_val2014.json: categories differ from "
+                                         "instances_train2014.json"):
+        train(regions, train_split=data["train"], val_split=renamed)
+
+    _narrow_val_shards(regions, DIM - 4)
+    with pytest.raises(CpganError, match=f"val2014 features are {DIM - 4}-d, train2014 ones "
+                                         f"{DIM}-d"):
+        train(regions, train_split=data["train"], val_split=data["val"])
+    assert not (tmp_path / "m").exists()  # refused before anything was written

@@ -505,18 +505,9 @@ def train_captioner(
     if epochs < 1 or batch_size < 1:
         raise CpganError(f"train-attention needs epochs >= 1 and batch size >= 1, "
                          f"got {epochs} and {batch_size}")
-    train, train_counts = plan_split(regions_dir, train_split, vocab, max_words, limit)
-    val, val_counts = plan_split(regions_dir, val_split, vocab, max_words)
-    if not train_counts["pairs"]:
-        raise CpganError(f"{regions_dir}: no {train_split.split} image with regions and captions")
-    if val_counts["feature_dim"] != train_counts["feature_dim"]:
-        raise CpganError(f"{regions_dir}: {val_split.split} features are "
-                         f"{val_counts['feature_dim']}-d, {train_split.split} ones "
-                         f"{train_counts['feature_dim']}-d (detected with another detector?)")
+    (train, train_counts), (val, val_counts) = _plan_train_val(
+        regions_dir, train_split, val_split, vocab, max_words, limit)
     feature_dim, num_classes = train_counts["feature_dim"], len(train_split.categories())
-    if val_split.categories() != train_split.categories():
-        raise CpganError(f"{val_split.instances_file}: categories differ from "
-                         f"{train_split.instances_file.name}")
     encoding = fit_encoding(train, num_classes)
     torch.manual_seed(seed)
     model = build_captioner(len(vocab), feature_dim, num_classes, config).to(device)
@@ -546,10 +537,34 @@ def train_captioner(
     samples = sample_captions(state.model, val, encoding, vocab, max_words, SAMPLE_CAPTIONS,
                               device)
     return {"epochs": epochs, "train_loss": state.train_loss, "val_loss": state.val_loss,
-            "train_images": train_counts["images"], "train_pairs": train_counts["pairs"],
-            "val_images": val_counts["images"], "val_pairs": val_counts["pairs"],
-            "skipped_failed": train_counts["skipped_failed"],
-            "skipped_empty": train_counts["skipped_empty"],
-            "val_skipped_failed": val_counts["skipped_failed"],
-            "val_skipped_empty": val_counts["skipped_empty"],
+            **_count_summary(train_counts, val_counts),
             "samples": samples, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _plan_train_val(regions_dir: Path, train_split: Any, val_split: Any, vocab: Vocabulary,
+                    max_words: int, limit: int | None
+                    ) -> tuple[tuple[list[ShardData], dict[str, int]], ...]:
+    """Both splits' plans (:func:`plan_split`), refused unless train has pairs and val shares
+    its feature width and categories: a captioner fitted on one detector's regions cannot be
+    validated on another's."""
+    train, train_counts = plan_split(regions_dir, train_split, vocab, max_words, limit)
+    val, val_counts = plan_split(regions_dir, val_split, vocab, max_words)
+    if not train_counts["pairs"]:
+        raise CpganError(f"{regions_dir}: no {train_split.split} image with regions and captions")
+    if val_counts["feature_dim"] != train_counts["feature_dim"]:
+        raise CpganError(f"{regions_dir}: {val_split.split} features are "
+                         f"{val_counts['feature_dim']}-d, {train_split.split} ones "
+                         f"{train_counts['feature_dim']}-d (detected with another detector?)")
+    if val_split.categories() != train_split.categories():
+        raise CpganError(f"{val_split.instances_file}: categories differ from "
+                         f"{train_split.instances_file.name}")
+    return (train, train_counts), (val, val_counts)
+
+
+def _count_summary(train: dict[str, int], val: dict[str, int]) -> dict[str, int]:
+    """The image, pair and skip counts of both splits, as the summary names them."""
+    return {"train_images": train["images"], "train_pairs": train["pairs"],
+            "val_images": val["images"], "val_pairs": val["pairs"],
+            "skipped_failed": train["skipped_failed"], "skipped_empty": train["skipped_empty"],
+            "val_skipped_failed": val["skipped_failed"],
+            "val_skipped_empty": val["skipped_empty"]}
