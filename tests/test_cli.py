@@ -129,3 +129,31 @@ def test_config_paths_are_the_same_from_any_folder(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     elsewhere = run.project_path("configs/darknet/yolov3-toy.cfg")
     assert here == elsewhere and here.is_absolute() and here.is_file()
+
+
+@pytest.mark.parametrize("entry, args, named, words", [
+    (prep_main, ["attend"], "artifacts/models/captioner.pt", "captioner not found"),
+    (prep_main, ["show-memory", "circle"], "artifacts/memory.h5", "no readable memory bank"),
+    (train_main, ["--stage", "gan"], "artifacts/vocab.json", "vocabulary not found"),
+    (train_main, ["--stage", "gan", "--memory", "{tmp}/elsewhere.h5"], "elsewhere.h5",
+     "memory bank not found"),
+    (train_main, ["--stage", "gan", "--no-memory", "--detector-weights", "{tmp}/det.pt"],
+     "det.pt", "detector weights not found"),
+])
+def test_a_missing_input_stops_the_command_before_any_work(tmp_path: Path, capsys, entry, args,
+                                                           named, words):
+    """Each stage names the input it lacks in one line and exits 1, writing nothing."""
+    artifacts, coco = tmp_path / "artifacts", tmp_path / "coco"
+    coco.mkdir()
+    artifacts.mkdir()
+    if entry is train_main and "vocab" not in words:
+        (artifacts / "vocab.json").write_text("{}")
+    with pytest.raises(SystemExit) as info:
+        entry([*(a.format(tmp=tmp_path) for a in args), "--artifacts", str(artifacts),
+               "--coco-root", str(coco)])
+    err = capsys.readouterr().err
+    assert info.value.code == 1, err
+    assert err.startswith(f"error: {tmp_path / named}: ") and words in err, err
+    assert err.count("\n") == 1
+    assert sorted(p.name for p in artifacts.rglob("*")) == (
+        ["vocab.json"] if entry is train_main and "vocab" not in words else [])

@@ -279,6 +279,15 @@ CAPTION_DEFECTS = {
     "empty": (lambda p: p.write_bytes(b""), "empty"),
     "not json": (lambda p: p.write_text("{not json"), "invalid JSON"),
     "a list": (lambda p: p.write_text("[1, 2]"), "not a COCO annotation file"),
+    "a folder": (lambda p: (p.unlink(), p.mkdir()), "cannot read annotation file"),
+    "an image not an object": (
+        lambda p: edit_json(p, lambda d: d["images"].__setitem__(1, 5)),
+        "images[1] is not an object",
+    ),
+    "zero width": (
+        lambda p: edit_json(p, lambda d: d["images"][0].update(width=0)),
+        "has a non-positive width or height",
+    ),
     "no images": (lambda p: p.write_text('{"annotations": []}'), 'no "images" list'),
     "no file_name": (
         lambda p: edit_json(p, lambda d: d["images"][0].pop("file_name")),

@@ -34,11 +34,13 @@ def test_user_file_overrides_preset(tmp_path: Path):
         ("[memory]\ntopk = 'five'\n", "memory.topk: expected int"),
         ("memory = 3\n", "expected a [memory] table"),
         ("[memory\n", "not valid TOML"),
+        (None, "config file not found"),
     ],
 )
-def test_bad_config_files_name_the_problem(tmp_path: Path, text: str, fragment: str):
+def test_bad_config_files_name_the_problem(tmp_path: Path, text: str | None, fragment: str):
     user = tmp_path / "bad.toml"
-    user.write_text(text)
+    if text is not None:
+        user.write_text(text)
     with pytest.raises(CpganError, match=None) as info:
         load_config("toy", user)
     message = str(info.value)
