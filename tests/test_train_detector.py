@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -234,6 +236,25 @@ def test_class_count_must_match_the_dataset(toy_root: Path, tmp_path: Path,
     cfg.write_text(MINI_CFG.replace("{classes}", "4").replace("filters=39", "filters=27"))
     with pytest.raises(CpganError, match="4 classes but the dataset has 8"):
         _train(toy_root, tmp_path / "art", dataclasses.replace(config, cfg=str(cfg)))
+
+
+@pytest.mark.parametrize("defect, words", [
+    (lambda d: d["categories"][0].update(name="oval"),
+     "instances_val2014.json: categories differ from instances_train2014.json"),
+    (lambda d: d.pop("categories"), 'instances_val2014.json: not a COCO annotation file'),
+])
+def test_a_bad_val_split_is_refused_before_training(toy_root: Path, tmp_path: Path,
+                                                    config: DetectorConfig, defect, words) -> None:
+    """mAP is scored on val after the last epoch; its file is checked before the first."""
+    root = tmp_path / "coco"
+    shutil.copytree(toy_root, root)
+    instances = root / "annotations" / "instances_val2014.json"
+    record = json.loads(instances.read_text())
+    defect(record)
+    instances.write_text(json.dumps(record))
+    with pytest.raises(CpganError, match=words):
+        _train(root, tmp_path / "art", config)
+    assert not (tmp_path / "art" / "models").exists()  # no epoch was trained
 
 
 @pytest.mark.parametrize("decay", [1.0, -0.5])

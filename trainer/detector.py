@@ -539,6 +539,11 @@ def _train(coco_root: Path, artifacts: Path, config: DetectorConfig, seed: int, 
     cfg_path = resolve_cfg(config.cfg)
     train_split = CocoSplit.open(coco_root, TRAIN_SPLIT, require_instances=True)
     categories = train_split.categories()
+    # Read val now, not after the epochs: a bad val file must not cost a whole training run.
+    val_split = CocoSplit.open(coco_root, VAL_SPLIT, require_instances=True)
+    if val_split.categories() != categories:
+        raise CpganError(f"{val_split.instances_file}: categories differ from "
+                         f"{train_split.instances_file.name}")
     category_ids, class_names = list(categories), list(categories.values())
     # channels-last convolutions are ~1.6x faster on CPU for these narrow layers
     model = build_detector(cfg_path, config, len(category_ids)).to(
@@ -572,9 +577,6 @@ def _train(coco_root: Path, artifacts: Path, config: DetectorConfig, seed: int, 
         run.epoch = epoch + 1
         _save_checkpoint(checkpoint, run.to_checkpoint(settings))
 
-    val_split = CocoSplit.open(coco_root, VAL_SPLIT, require_instances=True)
-    if val_split.categories() != categories:
-        raise CpganError(f"{coco_root}: {VAL_SPLIT} and {TRAIN_SPLIT} declare different categories")
     metrics = evaluate_detector(run.final_model, val_split, category_ids, config.input_size,
                                 config, batch_size=max(config.train_batch_size, 32),
                                 device=device, progress=progress, num_workers=workers,
