@@ -63,6 +63,24 @@ def test_non_toy_annotations_are_refused() -> None:
         tc.image_label([_ann(1, "circle", "red", 10.0)], {1: "dog"}, WHERE)
 
 
+@pytest.mark.parametrize("segmentation, words", [
+    ([[1, 2, "x", 4, 5, 6]], "unreadable segmentation (ValueError)"),
+    ([[1, 2]], "unreadable segmentation (Exception)"),
+    ("a string", "unreadable segmentation (AttributeError)"),
+    ({"size": [8, 8]}, "unreadable segmentation (KeyError)"),
+    ({"counts": 5, "size": [8, 8]}, "unreadable segmentation (TypeError)"),
+    ({"counts": "0", "size": [100000, 100000]}, "RLE segmentation of size [100000, 100000], "
+                                                "its image is 8x8"),
+])
+def test_an_unusable_segmentation_is_one_line_naming_the_annotation(segmentation, words) -> None:
+    """Segmentations go to pycocotools, whose errors are bare Exceptions, KeyErrors or (for an
+    RLE larger than its image) an allocation of the RLE's own size."""
+    ann = _ann(9, "circle", "red", 4.0, bbox=[0.0, 0.0, 2.0, 2.0]) | {"segmentation": segmentation}
+    with pytest.raises(CpganError) as info:
+        tc.class_map([ann], CATEGORIES, 8, 8, 8, WHERE)
+    assert str(info.value) == f"{WHERE}: annotation id 9 has an " + words
+
+
 def test_cell_targets_follow_the_visible_masks() -> None:
     """A square polygon on the left half of a 16 px image, a box-only circle in the bottom
     right quarter: 2 x 2 cells are [square, background] over [square, circle]."""

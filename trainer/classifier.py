@@ -113,6 +113,10 @@ def _instance_mask(ann: dict, height: int, width: int, where: Path) -> np.ndarra
     if not segmentation:
         x, y, w, h = ann["bbox"]
         segmentation = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    if isinstance(segmentation, dict) and segmentation.get("size") != [height, width]:
+        # An RLE decodes to its own size: a hostile one could ask for gigabytes.
+        raise CpganError(f"{where}: annotation id {ann['id']} has an RLE segmentation of size "
+                         f"{segmentation.get('size')!r:.40}, its image is {height}x{width}")
     try:
         if isinstance(segmentation, list):
             rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
@@ -121,7 +125,7 @@ def _instance_mask(ann: dict, height: int, width: int, where: Path) -> np.ndarra
         else:
             rle = segmentation
         return mask_utils.decode(rle)
-    except (TypeError, ValueError, AttributeError, IndexError) as exc:
+    except Exception as exc:  # pycocotools raises bare Exception for unsupported input
         raise CpganError(f"{where}: annotation id {ann['id']} has an unreadable segmentation "
                          f"({type(exc).__name__})") from None
 
