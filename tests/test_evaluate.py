@@ -452,6 +452,9 @@ def test_refusals_are_one_line(run: Setup, tmp_path: Path, capsys):
     bad = tmp_path / "checkpoint.pt"
     torch.save({"format": 1, "kind": "cpgan-gan", "config": {}}, bad)
     assert "missing" in _error(run, capsys, "--checkpoint", str(bad))
+    assert "--stage needs --report-dir" in _error(run, capsys, "--stage", "0")
+    assert "--soa-detector-weights needs --report-dir" in _error(
+        run, capsys, "--soa-detector-weights", str(bad))
 
 
 def test_help_names_the_default_checkpoint_and_the_subcommand():
