@@ -14,3 +14,9 @@ class CpganError(Exception):
 
 class ItemError(Exception):
     """A problem with one item (image, caption) that the calling stage records and skips."""
+
+
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines included) made one space: a library's
+    message quoted inside a ``CpganError`` must not break its single line."""
+    return " ".join(str(text).split())

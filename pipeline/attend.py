@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from cpgan import __version__
-from cpgan.errors import CpganError
+from cpgan.errors import CpganError, one_line
 from cpgan.model.butd import BOS_ID, EOS_ID, PAD_ID, salient_regions
 from cpgan.pipeline import regions as store
 from cpgan.pipeline.attention_table import ATTENTION_SCHEMA
@@ -218,12 +218,14 @@ def read_part(path: Path) -> pa.Table:
     """Read and validate one attention part (schema exactly as DESIGN §3)."""
     try:
         table = pq.read_table(path)
+        names = table.schema.names
     except FileNotFoundError:
         raise CpganError(f"{path}: attention part is missing (run 'cpgan-prep attend')") from None
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise CpganError(f"{path}: not a readable Parquet file ({exc})") from None
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+        raise CpganError(f"{path}: not a readable Parquet file "
+                         f"({one_line(exc)})") from None
     if not table.schema.remove_metadata().equals(SCHEMA):
-        raise CpganError(f"{path}: columns {table.schema.names} do not match the attention schema")
+        raise CpganError(f"{path}: columns {names} do not match the attention schema")
     return table
 
 

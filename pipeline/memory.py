@@ -52,7 +52,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cpgan import __version__, layout
-from cpgan.errors import CpganError, ItemError
+from cpgan.errors import CpganError, ItemError, one_line
 from cpgan.pipeline import artifacts
 from cpgan.pipeline import regions as store
 from cpgan.pipeline.artifacts import TMP_PREFIX, atomic_write, atomic_write_text, fingerprint
@@ -130,9 +130,10 @@ def _part_image_range(path: Path) -> tuple[int, int] | None:
     None when the part has no rows. The schema is checked here, before any worker starts."""
     try:
         meta = pq.ParquetFile(path).metadata
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise CpganError(f"{path}: not a readable Parquet file ({exc})") from None
-    problem = _schema_problem(meta.schema.to_arrow_schema())
+        problem = _schema_problem(meta.schema.to_arrow_schema())
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+        raise CpganError(f"{path}: not a readable Parquet file "
+                         f"({one_line(exc)})") from None
     if problem:
         raise CpganError(f"{path}: not an attention part: {problem}")
     column = meta.schema.names.index("image_id")
@@ -143,7 +144,16 @@ def _part_image_range(path: Path) -> tuple[int, int] | None:
             continue
         stats = row_group.column(column).statistics
         if stats is None or not stats.has_min_max:
-            values = pq.read_table(path, columns=["image_id"])["image_id"]
+            try:
+                values = pq.read_table(path, columns=["image_id"])["image_id"]
+            except (pa.ArrowException, OSError) as exc:
+                raise CpganError(f"{path}: not a readable Parquet file "
+                                 f"({one_line(exc)})") from None
+            if len(values) != meta.num_rows:
+                raise CpganError(f"{path}: not a readable Parquet file (column 'image_id' has "
+                                 f"{len(values)} values for {meta.num_rows} rows)")
+            if values.null_count:
+                raise CpganError(f"{path}: column 'image_id' has null values")
             bounds = pc.min_max(values)
             return int(bounds["min"].as_py()), int(bounds["max"].as_py())
         lows.append(stats.min)
@@ -170,11 +180,12 @@ def read_attention_part(path: str | Path, vocab_size: int, index_path: str | Pat
     path = Path(path)
     try:
         table = pq.read_table(path)
+        problem = _schema_problem(table.schema)
     except FileNotFoundError:
         raise CpganError(f"{path}: attention part is missing") from None
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise CpganError(f"{path}: not a readable Parquet file ({exc})") from None
-    problem = _schema_problem(table.schema)
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+        raise CpganError(f"{path}: not a readable Parquet file "
+                         f"({one_line(exc)})") from None
     if problem:
         raise CpganError(f"{path}: not an attention part: {problem}")
     for name in ATTENTION_SCHEMA.names:
@@ -197,7 +208,11 @@ _DETECTED: dict[tuple[str, str, int], np.ndarray] = {}
 
 def _detected_images(index_path: Path, split: str) -> np.ndarray:
     """The split's detected image ids, read once per worker process and index version."""
-    key = (str(index_path), split, index_path.stat().st_mtime_ns)
+    try:
+        key = (str(index_path), split, index_path.stat().st_mtime_ns)
+    except FileNotFoundError:
+        raise CpganError(f"{index_path}: region index is missing "
+                         "(run 'cpgan-prep detect')") from None
     if key not in _DETECTED:
         table = split_index(store.read_index(index_path), split)
         table = table.filter(pc.equal(table["status"], store.STATUS_OK))
@@ -723,7 +738,7 @@ _MEMORY_DTYPES = {"memory": np.float32, "support": np.int32, "relevant": np.int3
 def _check_layout(f: h5py.File, path: Path) -> tuple[int, int, int]:
     """(V, D, topk) after checking datasets, dtypes, shapes and attributes."""
     for name in ("memory", "words", "support", "relevant"):
-        if name not in f or not isinstance(f[name], h5py.Dataset):
+        if not isinstance(f.get(name), h5py.Dataset):  # get: a dangling link is missing
             raise CpganError(f"{path}: dataset '{name}' is missing")
     for name, dtype in _MEMORY_DTYPES.items():
         if f[name].dtype != dtype:
@@ -740,9 +755,12 @@ def _check_layout(f: h5py.File, path: Path) -> tuple[int, int, int]:
     for name in ("topk", "feature_dim"):
         value = f.attrs.get(name)
         if not isinstance(value, (int, np.integer)) or value < 1:
-            raise CpganError(f"{path}: attribute '{name}' is {value!r}, expected a positive "
-                             "integer")
+            raise CpganError(f"{path}: attribute '{name}' is {one_line(repr(value))}, "
+                             "expected a positive integer")
         attrs[name] = int(value)
+    if attrs["topk"] > np.iinfo(np.int16).max:  # build_memory's bound: ranks are int16
+        raise CpganError(f"{path}: attribute 'topk' is {attrs['topk']}, above the largest top-K "
+                         f"build-memory makes ({np.iinfo(np.int16).max})")
     if attrs["feature_dim"] != dim:
         raise CpganError(f"{path}: attribute feature_dim is {attrs['feature_dim']} but 'memory' "
                          f"is {dim}-d")
@@ -800,14 +818,16 @@ def read_bank(path: str | Path, vocab: Vocabulary, vocab_name: str,
     except FileNotFoundError:
         raise CpganError(f"{path}: memory bank not found (run 'cpgan-prep build-memory')") from None
     except OSError as exc:
-        raise CpganError(f"{path}: not a readable HDF5 file ({exc})") from None
+        raise CpganError(f"{path}: not a readable HDF5 file "
+                         f"({one_line(exc)})") from None
     with handle as f:
         size, dim, topk = _check_layout(f, path)
         try:
             words = list(f["words"].asstr()[:])
             memory, support, relevant = (f[name][:] for name in ("memory", "support", "relevant"))
         except (OSError, UnicodeDecodeError) as exc:
-            raise CpganError(f"{path}: cannot read the memory bank ({exc})") from None
+            raise CpganError(f"{path}: cannot read the memory bank "
+                             f"({one_line(exc)})") from None
     _check_words(path, words, vocab, vocab_name)
     _check_values_of(path, memory, support, relevant, topk, words)
     return memory, support, relevant, topk, dim
@@ -818,14 +838,15 @@ def read_memory_index(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     try:
         table = pq.read_table(path)
+        names = table.schema.names
     except FileNotFoundError:
         raise CpganError(f"{path}: memory index not found "
                          "(run 'cpgan-prep build-memory')") from None
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise CpganError(f"{path}: not a readable Parquet file ({exc})") from None
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+        raise CpganError(f"{path}: not a readable Parquet file "
+                         f"({one_line(exc)})") from None
     if not table.schema.equals(MEMORY_INDEX_SCHEMA):
-        raise CpganError(f"{path}: columns {table.schema.names} do not match the memory index "
-                         "schema")
+        raise CpganError(f"{path}: columns {names} do not match the memory index schema")
     return table.to_pandas()
 
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cpgan import layout
-from cpgan.errors import CpganError
+from cpgan.errors import CpganError, one_line
 from cpgan.pipeline.artifacts import atomic_write
 
 INDEX_NAME = layout.REGION_INDEX_NAME  # in cpgan.layout: read without torch
@@ -141,7 +141,8 @@ class RegionShard:
         except FileNotFoundError:
             raise CpganError(f"{self.path}: region shard is missing") from None
         except OSError as exc:
-            raise CpganError(f"{self.path}: not a readable HDF5 file ({exc})") from None
+            raise CpganError(f"{self.path}: not a readable HDF5 file "
+                             f"({one_line(exc)})") from None
         try:
             self._validate()
         except BaseException:
@@ -151,10 +152,12 @@ class RegionShard:
     def _validate(self) -> None:
         f = self._file
         for name, dtype in _DTYPES.items():
-            if name not in f or not isinstance(f[name], h5py.Dataset):
+            if not isinstance(f.get(name), h5py.Dataset):  # get: a dangling link is missing
                 raise CpganError(f"{self.path}: dataset '{name}' is missing")
             if f[name].dtype != dtype:
                 raise CpganError(f"{self.path}: '{name}' is {f[name].dtype}, expected {np.dtype(dtype)}")
+        if f["image_id"].ndim != 1:
+            raise CpganError(f"{self.path}: 'image_id' has shape {f['image_id'].shape}, expected (n,)")
         n = f["image_id"].shape[0]
         regions = f["boxes"].shape[1] if f["boxes"].ndim == 3 else -1
         expected = {"boxes": (n, regions, 4), "scores": (n, regions), "labels": (n, regions),
@@ -164,7 +167,11 @@ class RegionShard:
                 raise CpganError(f"{self.path}: '{name}' has shape {f[name].shape}, expected {shape}")
         if f["features"].ndim != 3 or f["features"].shape[:2] != (n, regions):
             raise CpganError(f"{self.path}: 'features' has shape {f['features'].shape}, expected ({n}, {regions}, D)")
-        counts = f["num_regions"][:]
+        try:
+            counts = f["num_regions"][:]
+        except OSError as exc:
+            raise CpganError(f"{self.path}: cannot read 'num_regions' "
+                             f"({one_line(exc)})") from None
         if n and (counts.min() < 0 or counts.max() > regions):
             raise CpganError(f"{self.path}: 'num_regions' outside 0..{regions}")
 
@@ -215,10 +222,12 @@ def read_index(path: Path) -> pa.Table:
     """Read and validate ``regions/index.parquet``."""
     try:
         table = pq.read_table(path)
+        names = table.schema.names
     except FileNotFoundError:
         raise CpganError(f"{path}: region index is missing (run 'cpgan-prep detect')") from None
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise CpganError(f"{path}: not a readable Parquet file ({exc})") from None
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+        raise CpganError(f"{path}: not a readable Parquet file "
+                         f"({one_line(exc)})") from None
     if not table.schema.equals(INDEX_SCHEMA):
-        raise CpganError(f"{path}: columns {table.schema.names} do not match the region index schema")
+        raise CpganError(f"{path}: columns {names} do not match the region index schema")
     return table

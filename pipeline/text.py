@@ -80,8 +80,10 @@ class Vocabulary:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise CpganError(f"{path}: vocabulary not found (run 'cpgan-prep vocab')") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise CpganError(f"{path}: not valid JSON ({exc})") from None
+        except OSError as exc:
+            raise CpganError(f"{path}: cannot read the vocabulary ({exc.strerror or exc})") from None
         if not isinstance(data, dict) or not {"tokens", "counts", "min_count"} <= data.keys():
             raise CpganError(f"{path}: expected an object with tokens, counts and min_count")
         tokens, counts = data["tokens"], data["counts"]
