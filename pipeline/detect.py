@@ -104,7 +104,11 @@ def _load_state_file(model: torch.nn.Module, path: Path) -> dict:
         if tensor.shape != expected[key].shape:
             raise CpganError(f"{path}: {key} has shape {tuple(tensor.shape)}, "
                              f"{model.source} needs {tuple(expected[key].shape)}")
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # a sparse or quantized tensor of the right shape
+        raise CpganError(f"{path}: its weights cannot be loaded into {model.source} "
+                         f"({str(exc).strip().splitlines()[-1].strip()})") from None
     return data
 
 

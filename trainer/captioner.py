@@ -346,7 +346,8 @@ def load_captioner(path: str | Path, vocab_size: int | None = None, feature_dim:
     caller's is refused rather than producing meaningless attention.
     """
     data = load_torch_file(path, "captioner file", "run 'cpgan-prep train-attention'")
-    if not isinstance(data, dict) or not all(type(data.get(k)) is int for k in _SIZE_KEYS):
+    if not isinstance(data, dict) or not isinstance(data.get("state_dict"), dict) or \
+            not all(type(data.get(k)) is int for k in _SIZE_KEYS):
         raise CpganError(f"{path}: expected a dict with state_dict and {', '.join(_SIZE_KEYS)}")
     for name, want in (("vocab_size", vocab_size), ("feature_dim", feature_dim)):
         if want is not None and data[name] != want:
@@ -357,10 +358,15 @@ def load_captioner(path: str | Path, vocab_size: int | None = None, feature_dim:
             raise CpganError(f"{path}: '{name}' must be a tensor of {inputs} values")
     encoding = RegionEncoding(data["num_classes"], data["input_mean"].float().numpy(),
                               data["input_std"].float().numpy())
-    config = AttentionConfig(embed_dim=data["embed_dim"], hidden_dim=data["hidden_dim"],
-                             attention_dim=data["attention_dim"],
-                             dropout=float(data.get("dropout", 0.0)))
-    model = build_captioner(data["vocab_size"], data["feature_dim"], data["num_classes"], config)
+    try:
+        config = AttentionConfig(embed_dim=data["embed_dim"], hidden_dim=data["hidden_dim"],
+                                 attention_dim=data["attention_dim"],
+                                 dropout=float(data.get("dropout", 0.0)))
+        model = build_captioner(data["vocab_size"], data["feature_dim"], data["num_classes"],
+                                config)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise CpganError(f"{path}: its stored settings do not build a captioner "
+                         f"({str(exc).splitlines()[0]})") from None
     try:
         model.load_state_dict(data["state_dict"])
     except (RuntimeError, TypeError, AttributeError) as exc:

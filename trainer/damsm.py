@@ -116,6 +116,7 @@ REGION_CACHE_LIMIT = 2 * 1024**3  # bytes a V_o cache may take (toy: 300 MB for 
 BACKBONES = ("classifier", "toy", "inception")
 _SIZE_KEYS = ("vocab_size", "word_embed_dim", "text_dim", "image_size", "backbone",
               "backbone_width", "use_memory", "use_objects")
+_REGION_KEYS = ("feature_layer", "num_regions", "score_threshold", "nms_iou", "roi_bins")
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,11 +285,26 @@ def load_text_state(text: MemoryAttendedTextEncoder, state: dict[str, Tensor]) -
 def read_encoder_file(path: Path) -> dict[str, Any]:
     """A DAMSM encoder file's dict, its format, sizes and two state dicts checked."""
     data = load_torch_file(path, "DAMSM encoder file", "run 'cpgan-train --stage damsm'")
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict) or type(data.get("format")) is not int or \
+            data["format"] != FORMAT:
         raise CpganError(f"{path}: not a DAMSM encoder file (format {FORMAT} expected)")
     record = data.get("config")
     if not isinstance(record, dict) or any(k not in record for k in _SIZE_KEYS):
         raise CpganError(f"{path}: its 'config' lacks the encoder sizes")
+    for key in _SIZE_KEYS:
+        value = record[key]
+        if key == "backbone":
+            fits = isinstance(value, str) and value in BACKBONES
+        elif key.startswith("use_"):
+            fits = type(value) is bool
+        else:
+            fits = type(value) is int and value > 0
+        if not fits:
+            raise CpganError(f"{path}: its 'config' has an invalid {key} ({value!r})")
+    regions = record.get("regions")
+    if (regions is not None and not isinstance(regions, dict)) or \
+            (record["use_objects"] and any(k not in (regions or {}) for k in _REGION_KEYS)):
+        raise CpganError(f"{path}: its 'config' has no usable region settings ({regions!r})")
     for part in ("text_encoder", "image_encoder"):
         state = data.get(part)
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -385,9 +401,14 @@ def load_pretrained_encoders(
     sizes = EncoderConfig(word_embed_dim=record["word_embed_dim"], text_dim=record["text_dim"],
                           image_size=record["image_size"], backbone=record["backbone"],
                           backbone_width=record["backbone_width"], sentence_pooling=pooling)
-    text = build_text_encoder(record["vocab_size"], sizes, memory)
-    image = build_image_encoder(sizes, extractor,
-                                Path(inception_weights) if inception_weights else None)
+    try:  # a recorded size the models refuse; Inception's errors name its weights file
+        text = build_text_encoder(record["vocab_size"], sizes, memory)
+        image = None if sizes.backbone == "inception" else build_image_encoder(sizes, extractor)
+    except CpganError as exc:
+        raise CpganError(f"{path}: {exc}") from None
+    if image is None:
+        image = build_image_encoder(sizes, extractor,
+                                    Path(inception_weights) if inception_weights else None)
     if image.backbone.frozen and module_digest(image.backbone) != record.get("backbone_sha256"):
         raise CpganError(f"{path}: encoders were trained with other Inception-v3 weights "
                          f"than {inception_weights}")

@@ -579,14 +579,20 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A GAN checkpoint, read with ``weights_only=True`` and checked for the contract's keys."""
     data = load_torch_file(path, "GAN checkpoint")
-    if not isinstance(data, dict) or data.get("kind") != KIND or data.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("kind") != KIND or \
+            type(data.get("format")) is not int or data["format"] != FORMAT:
         raise CpganError(f"{path}: not a CPGAN GAN checkpoint (format {FORMAT}, kind {KIND})")
     if set(data) != CHECKPOINT_KEYS:
         missing = sorted(CHECKPOINT_KEYS - set(data)) or sorted(set(data) - CHECKPOINT_KEYS)
         raise CpganError(f"{path}: checkpoint keys differ from the contract ({missing[0]})")
     for part in ("generator", "generator_ema", "discriminators"):
-        if not all(isinstance(v, Tensor) for v in data[part].values()):
+        if not isinstance(data[part], dict) or \
+                not all(isinstance(v, Tensor) for v in data[part].values()):
             raise CpganError(f"{path}: '{part}' is not a state dict of tensors")
+    if not isinstance(data["config"], dict):
+        raise CpganError(f"{path}: 'config' is not a dict of settings")
+    if type(data["step"]) is not int or data["step"] < 0:
+        raise CpganError(f"{path}: 'step' must be a non-negative integer")
     return data
 
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from cpgan import layout
 from cpgan.config import (Config, config_defaults, dotted_keys, fill_new_keys,
                           load_config)
-from cpgan.errors import CpganError
+from cpgan.errors import CpganError, one_line
 from cpgan.model.generator import ConditioningAugmentation, Generator, GeneratorOutput, truncated_normal
 from cpgan.model.text_encoder import MemoryAttendedTextEncoder
 from cpgan.pipeline.text import PAD_ID, UNK_ID, Vocabulary, tokenize
@@ -109,7 +109,7 @@ def config_from_dict(values: Any, where: Path) -> Config:
     try:
         return load_config(values["preset"], overrides=dotted_keys(rest))
     except CpganError as exc:
-        raise CpganError(f"{where}: its config is not usable ({exc})") from None
+        raise CpganError(f"{where}: its config is not usable ({one_line(exc)})") from None
 
 
 def _is_state(value: Any) -> bool:
@@ -117,11 +117,19 @@ def _is_state(value: Any) -> bool:
         all(isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items())
 
 
+def _shown(value: Any) -> str:
+    """``value`` for a one-line message: its repr when a plain scalar, else its type."""
+    if value is None or isinstance(value, (str, int, float)):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
 def _check_fields(path: Path, data: dict[str, Any]) -> None:
     """Types of every contract value (beyond the keys, which the caller checked)."""
-    if data["format"] != FORMAT or data["kind"] != KIND:
-        raise CpganError(f"{path}: not a GAN checkpoint (kind {data['kind']!r}, format "
-                         f"{data['format']!r}; expected kind {KIND!r}, format {FORMAT})")
+    if type(data["format"]) is not int or data["format"] != FORMAT or \
+            not isinstance(data["kind"], str) or data["kind"] != KIND:
+        raise CpganError(f"{path}: not a GAN checkpoint (kind {_shown(data['kind'])}, format "
+                         f"{_shown(data['format'])}; expected kind {KIND!r}, format {FORMAT})")
     switches = data["switches"]
     if not isinstance(switches, dict) or set(switches) != set(SWITCHES) or \
             not all(isinstance(v, bool) for v in switches.values()):
@@ -130,6 +138,7 @@ def _check_fields(path: Path, data: dict[str, Any]) -> None:
     if not isinstance(encoders, str) or not encoders or Path(encoders).is_absolute():
         raise CpganError(f"{path}: 'encoders' must be a path relative to the artifacts root")
     if switches["use_memory"] != isinstance(memory, str) or \
+            (not switches["use_memory"] and memory is not None) or \
             (isinstance(memory, str) and Path(memory).is_absolute()):
         raise CpganError(f"{path}: 'memory' must be a relative path when use_memory is on and "
                          "None when it is off")
