@@ -8,13 +8,17 @@ contents, so a test need not run the stage (or wait for training) to get its inp
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
+from typing import Any, Callable
 
 import h5py
 import numpy as np
+import pytest
 import torch
 
 from cpgan.config import Config
+from cpgan.errors import CpganError
 from cpgan.model.darknet import Darknet, write_weights
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.text import Vocabulary, build_vocabulary
@@ -145,3 +149,20 @@ def one_worker_cluster():
                       silence_logs=40, env=ONE_THREAD_ENV,
                       preload=["cpgan.pipeline.detect"]) as cluster:
         yield cluster
+
+
+def refusal(read: Callable[[], Any], path: Path, phrase: str | re.Pattern[str],
+            separator: str = ": ") -> str:
+    """The message of the CpganError ``read()`` must raise: one line, starting with ``path``
+    and ``separator`` (":" also admits a cfg's "path:LINE:") and containing ``phrase`` (a
+    pattern is searched for)."""
+    with pytest.raises(CpganError) as info:
+        read()
+    message = str(info.value)
+    assert message.startswith(f"{path}{separator}"), message
+    if isinstance(phrase, re.Pattern):
+        assert phrase.search(message), message
+    else:
+        assert phrase in message, message
+    assert "\n" not in message, message
+    return message

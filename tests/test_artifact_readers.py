@@ -31,25 +31,12 @@ from cpgan.pipeline import memory as mem
 from cpgan.pipeline import regions as store
 from cpgan.pipeline.text import SPECIALS, Vocabulary, build_vocabulary
 
+from builders import refusal
+
 SPLIT = "train2014"
 IMAGES, SLOTS, DIM = (3, 7), 4, 8
 WORDS = ("circle", "square", "red")
 TOPK = 3
-
-
-def refusal(read: Callable[[], Any], path: Path, phrase: str | re.Pattern[str]) -> str:
-    """The message of the CpganError ``read()`` must raise: one line, naming ``path`` first
-    and containing ``phrase`` (a pattern is searched for)."""
-    with pytest.raises(CpganError) as info:
-        read()
-    message = str(info.value)
-    assert message.startswith(f"{path}: "), message
-    if isinstance(phrase, re.Pattern):
-        assert phrase.search(message), message
-    else:
-        assert phrase in message, message
-    assert "\n" not in message, message
-    return message
 
 
 def replace(f: h5py.File, name: str, data: Any) -> None:

@@ -14,6 +14,7 @@ message or a message without the file's name.
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,30 +23,20 @@ import pytest
 import torch
 
 from cpgan.config import AttentionConfig, Config, load_config
-from cpgan.errors import CpganError
 from cpgan.model.darknet import Darknet, read_weights
 from cpgan.pipeline.detect import load_detector
 from cpgan.pipeline.text import SPECIALS, Vocabulary
 from cpgan.trainer import captioner, damsm, gan, sampling
 
 from builders import CFG, random_detector, write_encoder_file
+from builders import refusal as refusal_at
 
+refusal = partial(refusal_at, separator=":")  # a cfg names its line: "PATH:1: ..."
 Edit = Callable[[dict[str, Any]], Any]
 
 TINY = {"encoder.word_embed_dim": 8, "encoder.text_dim": 8, "encoder.backbone_width": 4,
         "gan.base_size": 8, "gan.stages": 2, "gan.gf_dim": 4, "gan.df_dim": 4, "gan.r_num": 1,
         "gan.z_dim": 8, "gan.condition_dim": 4, "gan.fgcd_patches": 2}
-
-
-def refusal(read: Callable[[], Any], path: Path, phrase: str) -> None:
-    """``read()`` must raise a CpganError of one line that starts with ``path`` and contains
-    ``phrase``."""
-    with pytest.raises(CpganError) as info:
-        read()
-    message = str(info.value)
-    assert message.startswith(str(path)), message
-    assert phrase in message, message
-    assert "\n" not in message, message
 
 
 def edited(record: dict[str, Any], edit: Edit) -> dict[str, Any]:

@@ -137,9 +137,9 @@ def _check_fields(path: Path, data: dict[str, Any]) -> None:
     encoders, memory = data["encoders"], data["memory"]
     if not isinstance(encoders, str) or not encoders or Path(encoders).is_absolute():
         raise CpganError(f"{path}: 'encoders' must be a path relative to the artifacts root")
-    if switches["use_memory"] != isinstance(memory, str) or \
-            (not switches["use_memory"] and memory is not None) or \
-            (isinstance(memory, str) and Path(memory).is_absolute()):
+    memory_fits = (isinstance(memory, str) and not Path(memory).is_absolute()
+                   if switches["use_memory"] else memory is None)
+    if not memory_fits:
         raise CpganError(f"{path}: 'memory' must be a relative path when use_memory is on and "
                          "None when it is off")
     for key in ("vocab_size", "step", "epoch"):
