@@ -97,8 +97,8 @@ class Vocabulary:
             raise CpganError(f"{path}: the first tokens must be {' '.join(SPECIALS)}")
         if len(set(tokens)) != len(tokens):
             raise CpganError(f"{path}: duplicate tokens")
-        if type(data["min_count"]) is not int:
-            raise CpganError(f"{path}: 'min_count' must be an integer")
+        if type(data["min_count"]) is not int or data["min_count"] < 1:
+            raise CpganError(f"{path}: 'min_count' must be an integer of at least 1")
         return cls(tuple(tokens), tuple(counts), data["min_count"])
 
 

@@ -394,10 +394,12 @@ VOCAB_DEFECTS: dict[str, tuple[Document, str]] = {
                      "'counts' must be a list of non-negative integers"),
     "counts an object": (put("counts", {"circle": 9}),
                          "'counts' must be a list of non-negative integers"),
-    "min_count text": (put("min_count", "1"), "'min_count' must be an integer"),
-    "min_count a float": (put("min_count", 1.5), "'min_count' must be an integer"),
-    "min_count true": (put("min_count", True), "'min_count' must be an integer"),
-    "min_count null": (put("min_count", None), "'min_count' must be an integer"),
+    "min_count text": (put("min_count", "1"), "'min_count' must be an integer of at least 1"),
+    "min_count a float": (put("min_count", 1.5), "'min_count' must be an integer of at least 1"),
+    "min_count true": (put("min_count", True), "'min_count' must be an integer of at least 1"),
+    "min_count null": (put("min_count", None), "'min_count' must be an integer of at least 1"),
+    "min_count zero": (put("min_count", 0), "'min_count' must be an integer of at least 1"),
+    "min_count negative": (put("min_count", -3), "'min_count' must be an integer of at least 1"),
 }
 
 
