@@ -10,7 +10,7 @@ each reader validates the keys, types and sizes it relies on before using them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -32,3 +32,17 @@ def load_torch_file(path: str | Path, what: str, missing_hint: str = "") -> Any:
     except Exception as exc:  # an unpickling refusal, a corrupt zip, an I/O error: one user error
         raise CpganError(f"{path}: not a readable {what} ({type(exc).__name__} under "
                          "torch.load(weights_only=True))") from None
+
+
+def refuse_nonfinite(path: str | Path, tensors: Mapping[str, Any], what: str) -> None:
+    """Refuse, in one line, the first floating tensor of ``tensors`` holding NaN or infinity.
+
+    A network loaded with such a weight does not fail: it answers NaN for every input (no
+    region detected, NaN attention, NaN images), far from the file that caused it. ``what``
+    names the mapping in the message ("'state_dict'"). Tensors that are not dense floating
+    point are left to the caller's own checks.
+    """
+    for key, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.layout == torch.strided and \
+                value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CpganError(f"{path}: {what} entry '{key}' holds NaN or infinite values")

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchvision.models.inception import Inception3
 
 from cpgan.errors import CpganError
-from cpgan.torch_file import load_torch_file
+from cpgan.torch_file import load_torch_file, refuse_nonfinite
 
 TO_MIXED_6E = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
                "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
@@ -66,4 +66,5 @@ def read_state_dict(path: str | Path, what: str, missing_hint: str) -> dict[str,
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
                                               for k, v in state.items()):
         raise CpganError(f"{path}: expected a state dict of tensors for {what}")
+    refuse_nonfinite(path, state, "state dict")
     return state

@@ -29,7 +29,7 @@ from cpgan.pipeline import regions as store
 from cpgan.pipeline.artifacts import fingerprint, folder_lock, sweep_temporaries
 from cpgan.pipeline.cluster import run_tasks
 from cpgan.pipeline.coco import CocoSplit, iter_images
-from cpgan.torch_file import load_torch_file
+from cpgan.torch_file import load_torch_file, refuse_nonfinite
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,11 @@ def _load_state_file(model: torch.nn.Module, path: Path) -> dict:
         if tensor.shape != expected[key].shape:
             raise CpganError(f"{path}: {key} has shape {tuple(tensor.shape)}, "
                              f"{model.source} needs {tuple(expected[key].shape)}")
+    refuse_nonfinite(path, state, "'state_dict'")
+    negative = next((k for k, v in state.items() if k.endswith("running_var") and
+                     v.layout == torch.strided and bool((v < 0).any())), None)
+    if negative:  # as read_weights refuses: every output would be NaN
+        raise CpganError(f"{path}: {negative} holds a negative batch-norm variance")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:  # a sparse or quantized tensor of the right shape

@@ -232,6 +232,16 @@ def test_load_classifier_refuses_files_that_are_not_classifiers(tmp_path: Path) 
         tc.load_classifier(tmp_path / "missing.pt")
 
 
+def test_load_classifier_refuses_nan_weights(tmp_path: Path) -> None:
+    path = _saved(tmp_path / "classifier.pt")
+    data = torch.load(path, weights_only=True)
+    key = next(k for k, v in data["state_dict"].items() if v.is_floating_point())
+    data["state_dict"][key] = torch.full_like(data["state_dict"][key], float("inf"))
+    torch.save(data, path)
+    with pytest.raises(CpganError, match=f"classifier.pt: 'state_dict' entry '{key}' holds NaN"):
+        tc.load_classifier(path)
+
+
 def test_inception_scorer_loads_a_local_state_dict(tmp_path: Path) -> None:
     with pytest.raises(CpganError, match="inception.pth: Inception-v3 weights file not found"):
         tc.load_scoring_network("inception", tmp_path / "inception.pth")

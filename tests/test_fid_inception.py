@@ -202,6 +202,15 @@ def test_non_state_dicts_and_missing_file_are_refused(tmp_path):
     assert "not found" in _refusal(tmp_path / "absent.pth")
 
 
+def test_weights_with_nan_are_refused(model, tmp_path):
+    """A NaN weight would turn every FID feature into NaN; the file is named instead."""
+    state = _cheap_state(model)
+    state["Mixed_6e.branch7x7_1.conv.weight"] = state["Mixed_6e.branch7x7_1.conv.weight"].clone()
+    state["Mixed_6e.branch7x7_1.conv.weight"].view(-1)[5] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    assert "entry 'Mixed_6e.branch7x7_1.conv.weight' holds NaN" in _refusal(tmp_path / "nan.pth")
+
+
 class _Payload:
     """Unpickling this opens (creates) ``marker``: code a weights file must never run."""
 

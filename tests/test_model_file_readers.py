@@ -14,6 +14,7 @@ message or a message without the file's name.
 """
 from __future__ import annotations
 
+import re
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -72,6 +73,15 @@ def replacing(key: str, value: Any, part: str | None = None) -> Edit:
         target = record if part is None else record[part]
         assert key in target, key
         target[key] = value
+    return edit
+
+
+def poisoned(key: str, part: str, value: float = float("nan")) -> Edit:
+    """One element of the tensor ``key`` of the dict ``part`` set to ``value`` (NaN)."""
+    def edit(record: dict[str, Any]) -> None:
+        tensor = record[part][key].clone()
+        tensor.view(-1)[-1] = value
+        record[part][key] = tensor
     return edit
 
 
@@ -158,6 +168,14 @@ DETECTOR_DEFECTS: dict[str, tuple[Edit, str]] = {
                        "its layers do not match"),
     "a sparse weight": (replacing(FIRST_CONV, torch.ones(8, 3, 3, 3).to_sparse(), "state_dict"),
                         "its weights cannot be loaded into"),
+    "a NaN weight": (poisoned(FIRST_CONV, "state_dict"),
+                     f"'state_dict' entry '{FIRST_CONV}' holds NaN or infinite values"),
+    "an infinite running variance": (
+        poisoned("layers.0.bn.running_var", "state_dict", float("inf")),
+        "'state_dict' entry 'layers.0.bn.running_var' holds NaN or infinite values"),
+    "a negative running variance": (
+        poisoned("layers.0.bn.running_var", "state_dict", -1.0),
+        "layers.0.bn.running_var holds a negative batch-norm variance"),
     "a transposed weight": (_transposed, f"{FIRST_CONV} has shape (3, 8, 3, 3), {CFG} needs "
                                          "(8, 3, 3, 3)"),
 }
@@ -233,6 +251,16 @@ CAPTIONER_DEFECTS: dict[str, tuple[Edit, str]] = {
     "a weight of another shape": (replacing("embed.weight", torch.zeros(11, 9), "state_dict"),
                                   UNFIT),
     "a string among the weights": (replacing("embed.weight", "w", "state_dict"), UNFIT),
+    "a NaN weight": (poisoned("embed.weight", "state_dict"),
+                     "'state_dict' entry 'embed.weight' holds NaN or infinite values"),
+    "a NaN in input_mean": (setting("input_mean", torch.full((CAPTIONER_INPUTS,), float("nan"))),
+                            "input statistics entry 'input_mean' holds NaN or infinite values"),
+    "an infinite input_std": (setting("input_std", torch.full((CAPTIONER_INPUTS,), float("inf"))),
+                              "input statistics entry 'input_std' holds NaN or infinite values"),
+    "a zero in input_std": (setting("input_std", torch.zeros(CAPTIONER_INPUTS)),
+                            "'input_std' must be positive"),
+    "a negative input_std": (setting("input_std", -torch.ones(CAPTIONER_INPUTS)),
+                             "'input_std' must be positive"),
 }
 
 
@@ -272,6 +300,21 @@ def in_state(part: str, value: Any) -> Edit:
     return edit
 
 
+def nan_in_state(part: str) -> Edit:
+    """A NaN in the first weight of the state dict ``part``."""
+    def edit(record: dict[str, Any]) -> None:
+        poisoned(next(iter(record[part])), part)(record)
+    return edit
+
+
+NONFINITE = "holds NaN or infinite values"
+
+
+def _z_dim_a_matrix(record: dict[str, Any]) -> None:
+    record["config"]["gan"] = {**record["config"]["gan"], "z_dim": torch.zeros(3, 3)}
+
+
+NOT_PLAIN = "holds something other than plain settings"
 NOT_OURS = "not a CPGAN GAN checkpoint (format 1, kind cpgan-gan)"
 RESUME_DEFECTS: dict[str, tuple[Edit, str]] = {
     "a list, not a dict": (replaced_by([1, 2]), NOT_OURS),
@@ -295,6 +338,14 @@ RESUME_DEFECTS: dict[str, tuple[Edit, str]] = {
     "config a list": (setting("config", [1]), "'config' is not a dict of settings"),
     "step a string": (setting("step", "40"), "'step' must be a non-negative integer"),
     "a negative step": (setting("step", -1), "'step' must be a non-negative integer"),
+    "a tensor for a config setting": (_z_dim_a_matrix, f"'config' {NOT_PLAIN}"),
+    "vocab_size a tensor": (setting("vocab_size", torch.tensor([7, 7])),
+                            f"'vocab_size' {NOT_PLAIN}"),
+    "a tensor among the switches": (setting("use_fgcd", torch.tensor([True, False]), "switches"),
+                                    f"'switches' {NOT_PLAIN}"),
+    "encoders a bytes path": (setting("encoders", b"models/damsm.pt"), f"'encoders' {NOT_PLAIN}"),
+    "a NaN in discriminators": (nan_in_state("discriminators"),
+                                re.compile(f"'discriminators' entry '.+' {NONFINITE}")),
 }
 
 
@@ -305,10 +356,6 @@ def test_malformed_checkpoint_to_resume_is_refused(tmp_path: Path, gan_record: d
     path = tmp_path / "checkpoint.pt"
     gan.save_checkpoint(path, edited(gan_record, edit))
     refusal(lambda: gan.read_checkpoint(path), path, phrase)
-
-
-def _z_dim_a_matrix(record: dict[str, Any]) -> None:
-    record["config"]["gan"] = {**record["config"]["gan"], "z_dim": torch.zeros(3, 3)}
 
 
 NOT_CONFIG = "'config' is not a resolved config (preset and the data, detector"
@@ -354,6 +401,8 @@ SAMPLING_DEFECTS: dict[str, tuple[Edit, str]] = {
     "a string in generator": (in_state("generator", "w"), f"'generator' {NOT_STATE}"),
     "a number as a discriminators key": (setting(0, torch.zeros(1), "discriminators"),
                                          f"'discriminators' {NOT_STATE}"),
+    "a NaN in generator_ema": (nan_in_state("generator_ema"),
+                               re.compile(f"'generator_ema' entry '.+' {NONFINITE}")),
 }
 
 
@@ -431,6 +480,11 @@ ENCODER_DEFECTS: dict[str, tuple[Edit, str]] = {
                          "its 'config' has no usable region settings (3)"),
     "use_objects without regions": (in_config("use_objects", True),
                                     "its 'config' has no usable region settings (None)"),
+    "a NaN text weight": (poisoned(TEXT_WEIGHT, "text_encoder"),
+                          f"'text_encoder' entry '{TEXT_WEIGHT}' holds NaN or infinite values"),
+    "an infinite image weight": (
+        poisoned(IMAGE_WEIGHT, "image_encoder", float("-inf")),
+        f"'image_encoder' entry '{IMAGE_WEIGHT}' holds NaN or infinite values"),
 }
 
 

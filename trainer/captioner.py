@@ -62,7 +62,7 @@ from cpgan.model.butd import (
 from cpgan.pipeline import regions as store
 from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.text import Vocabulary
-from cpgan.torch_file import load_torch_file
+from cpgan.torch_file import load_torch_file, refuse_nonfinite
 from cpgan.trainer.resume import load_epoch_checkpoint, refusing_unfit_checkpoint
 
 # in cpgan.layout: the up-to-date checks read these without torch
@@ -356,6 +356,10 @@ def load_captioner(path: str | Path, vocab_size: int | None = None, feature_dim:
     for name in ("input_mean", "input_std"):
         if not isinstance(data.get(name), torch.Tensor) or data[name].shape != (inputs,):
             raise CpganError(f"{path}: '{name}' must be a tensor of {inputs} values")
+    refuse_nonfinite(path, {k: data[k] for k in ("input_mean", "input_std")}, "input statistics")
+    if not bool((data["input_std"] > 0).all()):
+        raise CpganError(f"{path}: 'input_std' must be positive (it divides every input)")
+    refuse_nonfinite(path, data["state_dict"], "'state_dict'")
     encoding = RegionEncoding(data["num_classes"], data["input_mean"].float().numpy(),
                               data["input_std"].float().numpy())
     try:

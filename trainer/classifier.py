@@ -49,7 +49,7 @@ from cpgan.model.classifier import TOY_IMAGE_SIZE, TOY_WIDTH, InceptionScorer, T
 from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.coco import CocoSplit, iter_images
 from cpgan.pipeline.toy import TOY_CATEGORIES, TOY_COLOURS
-from cpgan.torch_file import load_torch_file
+from cpgan.torch_file import load_torch_file, refuse_nonfinite
 
 # in cpgan.layout: the up-to-date checks read these without torch
 TRAIN_SPLIT = layout.CLASSIFIER_TRAIN_SPLIT
@@ -396,6 +396,7 @@ def load_classifier(path: str | Path, image_size: int | None = None) -> ToyClass
         raise CpganError(f"{path}: classifier was fitted at {data['image_size']} px, images are "
                          f"scored at {image_size} px (run 'cpgan-eval fit-classifier "
                          f"--image-size {image_size}')")
+    refuse_nonfinite(path, data["state_dict"], "'state_dict'")
     try:
         model = ToyClassifier(data["num_shapes"], data["num_colours"], data["width"],
                               data["image_size"])

@@ -91,7 +91,7 @@ from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.categories import swappable_words
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.text import Vocabulary
-from cpgan.torch_file import load_torch_file
+from cpgan.torch_file import load_torch_file, refuse_nonfinite
 from cpgan.trainer.adversarial import fgsm_views
 from cpgan.trainer.averaging import WeightAverage
 from cpgan.trainer.data import Batch, TextImageDataset, batches, make_loader, pad_caption
@@ -309,6 +309,7 @@ def read_encoder_file(path: Path) -> dict[str, Any]:
         state = data.get(part)
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise CpganError(f"{path}: '{part}' is not a state dict of tensors")
+        refuse_nonfinite(path, state, f"'{part}'")
     return data
 
 

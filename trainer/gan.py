@@ -87,7 +87,7 @@ from cpgan.model.text_encoder import MemoryAttendedTextEncoder
 from cpgan.pipeline.artifacts import atomic_write, atomic_write_text, sweep_temporaries
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.pipeline.text import PAD_ID, Vocabulary
-from cpgan.torch_file import load_torch_file
+from cpgan.torch_file import load_torch_file, refuse_nonfinite
 from cpgan.trainer.data import (
     Batch,
     TextImageDataset,
@@ -117,6 +117,8 @@ CHECKPOINT_KEYS = frozenset({
     "format", "kind", "config", "switches", "encoders", "memory", "vocab_size", "generator",
     "generator_ema", "discriminators", "optimizer_g", "optimizer_d", "step", "epoch",
     "finished", "rng"})
+# What a resumed run compares against its own settings (:func:`check_resumable`).
+RECORDED_KEYS = ("config", "switches", "encoders", "memory", "vocab_size")
 TISCL_STAGES = ("last", "all")  # gan.tiscl_stages: which stages' images TISCL scores
 RESUMABLE_KEYS = ("gan.epochs",)  # may grow between a checkpoint and its resume
 
@@ -589,11 +591,30 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         if not isinstance(data[part], dict) or \
                 not all(isinstance(v, Tensor) for v in data[part].values()):
             raise CpganError(f"{path}: '{part}' is not a state dict of tensors")
+        refuse_nonfinite(path, data[part], f"'{part}'")
     if not isinstance(data["config"], dict):
         raise CpganError(f"{path}: 'config' is not a dict of settings")
+    for key in RECORDED_KEYS:
+        if not _is_plain_data(data[key]):
+            raise CpganError(f"{path}: '{key}' holds something other than plain settings "
+                             "(strings, numbers, booleans, lists, dicts)")
     if type(data["step"]) is not int or data["step"] < 0:
         raise CpganError(f"{path}: 'step' must be a non-negative integer")
     return data
+
+
+def _is_plain_data(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is what JSON can hold (so ``!=`` against this run's values is a plain
+    yes or no, never a tensor's element-wise answer)."""
+    if depth > 32:
+        return False
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True
+    if isinstance(value, list):
+        return all(_is_plain_data(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain_data(v, depth + 1) for k, v in value.items())
+    return False
 
 
 def config_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:

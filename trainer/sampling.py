@@ -38,7 +38,7 @@ from cpgan.errors import CpganError, one_line
 from cpgan.model.generator import ConditioningAugmentation, Generator, GeneratorOutput, truncated_normal
 from cpgan.model.text_encoder import MemoryAttendedTextEncoder
 from cpgan.pipeline.text import PAD_ID, UNK_ID, Vocabulary, tokenize
-from cpgan.torch_file import load_torch_file
+from cpgan.torch_file import load_torch_file, refuse_nonfinite
 from cpgan.trainer.data import multi_resolution_sizes
 
 FORMAT = 1
@@ -150,6 +150,7 @@ def _check_fields(path: Path, data: dict[str, Any]) -> None:
     for key in STATE_KEYS:
         if not _is_state(data[key]):
             raise CpganError(f"{path}: '{key}' is not a state dict of tensors")
+    refuse_nonfinite(path, data["generator_ema"], "'generator_ema'")
 
 
 def read_checkpoint(path: str | Path) -> GanCheckpoint:
