@@ -14,6 +14,7 @@ message or a message without the file's name.
 """
 from __future__ import annotations
 
+import copy
 import re
 from functools import partial
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from cpgan.config import AttentionConfig, Config, load_config
 from cpgan.model.darknet import Darknet, read_weights
@@ -423,6 +425,82 @@ def test_valid_checkpoint_reads_for_resume_and_sampling(tmp_path: Path, tiny_con
     assert gan.read_checkpoint(path)["step"] == 0
     checkpoint = sampling.read_checkpoint(path)
     assert checkpoint.config == tiny_config and checkpoint.memory is None
+
+
+# ----------------------------------------------------------------------------- optimizer states
+
+
+@pytest.fixture(scope="module")
+def stepped_gan_record(tiny_config: Config, vocab: Vocabulary) -> dict[str, Any]:
+    """A GAN checkpoint whose Adam states hold moments: one step of each optimizer on unit
+    gradients."""
+    state = gan.build_state(tiny_config, True, torch.device("cpu"))
+    for optimizer in (state.optimizer_g, state.optimizer_d):
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = torch.ones_like(param)
+        optimizer.step()
+    encoders = gan.Encoders(None, None, "models/damsm-no-memory-no-oaie.pt", None)
+    info = gan.RunInfo(tiny_config, gan.Switches(use_memory=False, use_objects=False), encoders,
+                       len(vocab), steps_per_epoch=5, total_steps=10)
+    return copy.deepcopy(gan.make_checkpoint(state, info))
+
+
+def in_moment(key: str, value: Callable[[Tensor], Any], part: str = "optimizer_g") -> Edit:
+    """The entry ``key`` of the first parameter's state in ``part`` replaced by ``value(it)``."""
+    def edit(record: dict[str, Any]) -> None:
+        optimizer = copy.deepcopy(record[part])
+        first = optimizer["state"][0]
+        first[key] = value(first[key])
+        record[part] = optimizer
+    return edit
+
+
+FIRST_PARAM = "optimizer state 'exp_avg' of parameter 0"
+OPTIMIZER_DEFECTS: dict[str, tuple[Edit, str]] = {
+    "a moment of another shape": (in_moment("exp_avg", lambda t: torch.zeros(5, 5)),
+                                  f"{FIRST_PARAM} has shape (5, 5), the parameter ("),
+    "a NaN moment": (in_moment("exp_avg", lambda t: torch.full_like(t, float("nan"))),
+                     f"{FIRST_PARAM} is not finite floating-point"),
+    "an infinite moment in D's optimizer": (
+        in_moment("exp_avg", lambda t: torch.full_like(t, float("inf")), "optimizer_d"),
+        f"{FIRST_PARAM} is not finite floating-point"),
+    "a string moment": (in_moment("exp_avg", lambda t: "w"), f"{FIRST_PARAM} is not a dense tensor"),
+    "a sparse moment": (in_moment("exp_avg", lambda t: t.to_sparse()),
+                        f"{FIRST_PARAM} is not a dense tensor"),
+    "a negative second moment": (in_moment("exp_avg_sq", lambda t: -torch.ones_like(t)),
+                                 "optimizer state 'exp_avg_sq' of parameter 0 holds negative"),
+    "a negative step": (in_moment("step", lambda t: torch.tensor(-1.0)),
+                        "optimizer state 'step' of parameter 0 is not a non-negative scalar"),
+    "a step of two values": (in_moment("step", lambda t: torch.ones(2)),
+                             "optimizer state 'step' of parameter 0 is not a non-negative"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+@pytest.mark.parametrize("defect", sorted(OPTIMIZER_DEFECTS))
+def test_checkpoint_with_unfit_optimizer_state_is_refused_at_resume(
+        tmp_path: Path, tiny_config: Config, stepped_gan_record: dict[str, Any],
+        defect: str) -> None:
+    """Adam's load_state_dict takes any per-parameter state; without the check a moment of
+    another shape crashed the first step with a traceback, and a NaN one made G NaN."""
+    edit, phrase = OPTIMIZER_DEFECTS[defect]
+    path = tmp_path / "checkpoint.pt"
+    gan.save_checkpoint(path, edited(stepped_gan_record, edit))
+    fresh = gan.build_state(tiny_config, True, torch.device("cpu"))
+    refusal(lambda: gan.restore_state(fresh, gan.read_checkpoint(path), path), path,
+            f"optimizer or RNG states do not fit this run ({phrase}")
+
+
+def test_stepped_checkpoint_restores_its_moments(tmp_path: Path, tiny_config: Config,
+                                                 stepped_gan_record: dict[str, Any]) -> None:
+    path = tmp_path / "checkpoint.pt"
+    gan.save_checkpoint(path, stepped_gan_record)
+    fresh = gan.build_state(tiny_config, True, torch.device("cpu"))
+    gan.restore_state(fresh, gan.read_checkpoint(path), path)
+    restored = fresh.optimizer_g.state_dict()["state"][0]
+    assert torch.equal(restored["exp_avg"], stepped_gan_record["optimizer_g"]["state"][0]["exp_avg"])
+    assert float(restored["step"]) == 1.0
 
 
 # ----------------------------------------------------------------------------- DAMSM encoders

@@ -63,7 +63,11 @@ from cpgan.pipeline import regions as store
 from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.text import Vocabulary
 from cpgan.torch_file import load_torch_file, refuse_nonfinite
-from cpgan.trainer.resume import load_epoch_checkpoint, refusing_unfit_checkpoint
+from cpgan.trainer.resume import (
+    load_epoch_checkpoint,
+    load_optimizer_state,
+    refusing_unfit_checkpoint,
+)
 
 # in cpgan.layout: the up-to-date checks read these without torch
 TRAIN_SPLIT = layout.CAPTIONER_TRAIN_SPLIT
@@ -403,7 +407,7 @@ class TrainState:
 
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.epoch = int(state["epoch"])
         self.train_loss, self.val_loss = list(state["train_loss"]), list(state["val_loss"])
         torch.set_rng_state(state["torch_rng"])

@@ -99,6 +99,7 @@ from cpgan.trainer.negatives import WordSwaps, swapped_captions, words_of_kind
 from cpgan.trainer.region_cache import RegionCache, cache_bytes
 from cpgan.trainer.resume import (
     load_epoch_checkpoint,
+    load_optimizer_state,
     refusing_unfit_checkpoint,
     rng_state,
     set_rng_state,
@@ -481,7 +482,7 @@ class TrainState:
             load_text_state(text, state["average"]["text_encoder"])
             image.load_learned_state_dict(state["average"]["image_encoder"])
             self.average.updates = int(state["average"]["updates"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.epoch = int(state["epoch"])
         self.history = [dict(h) for h in state["history"]]
         self.failed = dict(zip(state["failed_ids"], state["failed_reasons"]))

@@ -57,7 +57,7 @@ from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.torch_file import load_torch_file
 from cpgan.trainer.averaging import WeightAverage
-from cpgan.trainer.resume import refusing_unfit_checkpoint
+from cpgan.trainer.resume import load_optimizer_state, refusing_unfit_checkpoint
 
 TRAIN_SPLIT = "train2014"
 VAL_SPLIT = "val2014"
@@ -439,7 +439,7 @@ class TrainState:
 
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if (state["average"] is None) != (self.average is None):
             raise CpganError("detector checkpoint: weight averaging was switched on or off; "

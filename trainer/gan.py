@@ -96,7 +96,12 @@ from cpgan.trainer.data import (
     epoch_order,
     multi_resolution_sizes,
 )
-from cpgan.trainer.resume import refusing_unfit_checkpoint, rng_state, set_rng_state
+from cpgan.trainer.resume import (
+    load_optimizer_state,
+    refusing_unfit_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from cpgan.trainer.sampling import build_generator, enlarge
 
 RUN_STEM = layout.RUN_STEM  # in cpgan.layout: read without torch
@@ -651,8 +656,8 @@ def restore_state(state: GanState, data: dict[str, Any], path: Path) -> None:
         state.generator.load_state_dict(data["generator"])
         state.generator_ema.load_state_dict(data["generator_ema"])
         state.discriminators.load_state_dict(data["discriminators"])
-        state.optimizer_g.load_state_dict(data["optimizer_g"])
-        state.optimizer_d.load_state_dict(data["optimizer_d"])
+        load_optimizer_state(state.optimizer_g, data["optimizer_g"])
+        load_optimizer_state(state.optimizer_d, data["optimizer_d"])
         set_rng_state(data["rng"])
     state.step = int(data["step"])
 

@@ -59,6 +59,39 @@ def load_epoch_checkpoint(
     return state
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Any) -> None:
+    """Put a checkpoint's optimizer state back, then check each parameter's entries.
+
+    ``Optimizer.load_state_dict`` checks the parameter groups' sizes, not the per-parameter
+    state: an Adam moment of another shape loads, then crashes the first step far from the
+    file, and a NaN or negative one turns the weights it updates NaN at the first step. Raises
+    ``ValueError``, which :func:`refusing_unfit_checkpoint` turns into one line naming the file.
+    """
+    optimizer.load_state_dict(state)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, param in enumerate(params):
+        for key, value in optimizer.state.get(param, {}).items():
+            _check_optimizer_entry(f"optimizer state '{key}' of parameter {index}", key, value,
+                                   param)
+
+
+def _check_optimizer_entry(what: str, key: str, value: Any, param: torch.Tensor) -> None:
+    """A step count is a finite non-negative scalar; every other entry is a finite floating
+    tensor of the parameter's shape, and a running mean of squares is not negative."""
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+        raise ValueError(f"{what} is not a dense tensor")
+    if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{what} is not finite floating-point")
+    if key == "step":
+        if value.dim() != 0 or float(value) < 0:
+            raise ValueError(f"{what} is not a non-negative scalar")
+    elif value.shape != param.shape:
+        raise ValueError(f"{what} has shape {tuple(value.shape)}, the parameter "
+                         f"{tuple(param.shape)}")
+    elif key.endswith("_sq") and bool((value < 0).any()):
+        raise ValueError(f"{what} holds negative values")
+
+
 @contextmanager
 def refusing_unfit_checkpoint(path: Path) -> Iterator[None]:
     """Turn a failure to restore a checkpoint's states (a missing key, a tensor of another
@@ -67,5 +100,5 @@ def refusing_unfit_checkpoint(path: Path) -> Iterator[None]:
         yield
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CpganError(f"{path}: weights or RNG states do not fit this run "
+        raise CpganError(f"{path}: weights, optimizer or RNG states do not fit this run "
                          f"({reason})") from None
