@@ -11,10 +11,16 @@ number belongs, a memory path with use_memory off, a captioner without weights, 
 checkpoint whose state, config or step has the wrong type, an encoder file with a string or
 zero size or no region settings) once made a reader crash with a traceback, a multi-line
 message or a message without the file's name.
+
+The trainers' resume checkpoints (GAN optimizer states; the detector's, captioner's and
+DAMSM's epoch checkpoints) are restored into a freshly built run, as ``--resume`` does: an
+Adam moment of another shape, a string epoch or a loss history of tensors once loaded and then
+crashed training with a traceback, or went on with NaN weights.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from functools import partial
 from pathlib import Path
@@ -29,7 +35,9 @@ from cpgan.config import AttentionConfig, Config, load_config
 from cpgan.model.darknet import Darknet, read_weights
 from cpgan.pipeline.detect import load_detector
 from cpgan.pipeline.text import SPECIALS, Vocabulary
-from cpgan.trainer import captioner, damsm, gan, sampling
+from cpgan.trainer import captioner, damsm, detector, gan, sampling
+from cpgan.trainer.averaging import WeightAverage
+from cpgan.trainer.resume import refusing_unfit_checkpoint
 
 from builders import CFG, random_detector, write_encoder_file
 from builders import refusal as refusal_at
@@ -489,7 +497,7 @@ def test_checkpoint_with_unfit_optimizer_state_is_refused_at_resume(
     gan.save_checkpoint(path, edited(stepped_gan_record, edit))
     fresh = gan.build_state(tiny_config, True, torch.device("cpu"))
     refusal(lambda: gan.restore_state(fresh, gan.read_checkpoint(path), path), path,
-            f"optimizer or RNG states do not fit this run ({phrase}")
+            f"checkpoint does not fit this run ({phrase}")
 
 
 def test_stepped_checkpoint_restores_its_moments(tmp_path: Path, tiny_config: Config,
@@ -501,6 +509,191 @@ def test_stepped_checkpoint_restores_its_moments(tmp_path: Path, tiny_config: Co
     restored = fresh.optimizer_g.state_dict()["state"][0]
     assert torch.equal(restored["exp_avg"], stepped_gan_record["optimizer_g"]["state"][0]["exp_avg"])
     assert float(restored["step"]) == 1.0
+
+
+# ------------------------------------------------- epoch checkpoints: detector, captioner, DAMSM
+
+
+def in_part(part: str, key: str, value: Any) -> Edit:
+    """``record[part][key]`` set to ``value``, ``record[part]`` copied first."""
+    def edit(record: dict[str, Any]) -> None:
+        record[part] = {**record[part], key: value}
+    return edit
+
+
+def in_group(key: str, value: Any) -> Edit:
+    """The optimizer's first parameter group's ``key`` set to ``value``."""
+    def edit(record: dict[str, Any]) -> None:
+        optimizer = copy.deepcopy(record["optimizer"])
+        optimizer["param_groups"][0][key] = value
+        record["optimizer"] = optimizer
+    return edit
+
+
+def restoring(state: Any, record: dict[str, Any], path: Path) -> Callable[[], None]:
+    """What the trainers do with a matched checkpoint: ``state.restore`` under the refusal."""
+    def restore() -> None:
+        with refusing_unfit_checkpoint(path):
+            state.restore(record)
+    return restore
+
+
+def detector_run(tiny_config: Config) -> detector.TrainState:
+    """A detector training run at toy size with a weight average, as train_detector starts it."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(tiny_config.detector, train_average_decay=0.9)
+    return detector._new_run(Darknet.from_cfg_file(CFG), config, total_steps=10)
+
+
+@pytest.fixture(scope="module")
+def detector_run_record(tiny_config: Config) -> dict[str, Any]:
+    """models/detector.ckpt.pt after epoch 1 of 2, one image recorded as failed."""
+    run = detector_run(tiny_config)
+    run.epoch, run.seen, run.failed = 1, 16, {5: "truncated JPEG"}
+    return copy.deepcopy(run.to_checkpoint({"epochs": 2}))
+
+
+FAILED = "'failed_ids' and 'failed_reasons' must be lists of image ids and messages of one"
+SWITCHED = "weight averaging was switched on or off since it was written"
+DETECTOR_RUN_DEFECTS: dict[str, tuple[Edit, str]] = {
+    "epoch past the run's epochs": (replacing("epoch", 3), "'epoch' must be an integer from 0 up to 2"),
+    "epoch a string": (replacing("epoch", "1"), "'epoch' must be an integer from 0 up to 2"),
+    "seen negative": (replacing("seen", -1), "'seen' must be an integer from 0, got -1"),
+    "seen a float": (replacing("seen", 16.0), "'seen' must be an integer from 0"),
+    "average_updates a tensor": (replacing("average_updates", torch.tensor(3)),
+                                 "'average_updates' must be an integer from 0"),
+    "no average while averaging is on": (replacing("average", None), SWITCHED),
+    "a failed id as a string": (replacing("failed_ids", ["5"]), FAILED),
+    "a failed reason as a number": (replacing("failed_reasons", [404]), FAILED),
+    "more failed ids than reasons": (replacing("failed_ids", [5, 6]), FAILED),
+    "failed ids a tensor": (replacing("failed_ids", torch.tensor([5])), FAILED),
+    "the schedule's position a string": (in_part("scheduler", "last_epoch", "3"),
+                                         "'last_epoch' must be an integer from 0"),
+    "the schedule's step count negative": (in_part("scheduler", "_step_count", -2),
+                                           "'_step_count' must be an integer from 0"),
+    "a NaN base rate": (in_part("scheduler", "base_lrs", [float("nan")] * 2),
+                        "the schedule's 'base_lrs' must be a list of finite numbers"),
+    "a base rate too few": (in_part("scheduler", "base_lrs", [1e-3]),
+                            "the schedule's 'base_lrs' must be 2 rates of at least 0"),
+    "other Adam betas": (in_group("betas", (0.5, 0.9)),
+                         "optimizer settings of group 0 differ from this run's"),
+    "a NaN learning rate": (in_group("lr", float("nan")),
+                            "optimizer learning rate of group 0 is nan"),
+}
+
+
+@pytest.mark.parametrize("defect", sorted(DETECTOR_RUN_DEFECTS))
+def test_unfit_detector_checkpoint_is_refused_at_resume(tmp_path: Path, tiny_config: Config,
+                                                        detector_run_record: dict[str, Any],
+                                                        defect: str) -> None:
+    edit, phrase = DETECTOR_RUN_DEFECTS[defect]
+    path = tmp_path / "detector.ckpt.pt"
+    refusal(restoring(detector_run(tiny_config), edited(detector_run_record, edit), path),
+            path, f"checkpoint does not fit this run ({phrase}")
+
+
+def test_detector_checkpoint_restores(tiny_config: Config,
+                                      detector_run_record: dict[str, Any]) -> None:
+    run = detector_run(tiny_config)
+    run.restore(detector_run_record)
+    assert (run.epoch, run.seen, run.failed) == (1, 16, {5: "truncated JPEG"})
+
+
+def captioner_run() -> captioner.TrainState:
+    config = AttentionConfig(embed_dim=8, hidden_dim=8, attention_dim=8, dropout=0.0)
+    torch.manual_seed(0)
+    model = captioner.build_captioner(*CAPTIONER_SIZES.values(), config)
+    return captioner.TrainState(model, torch.optim.Adam(model.parameters()), 0, [], [])
+
+
+@pytest.fixture(scope="module")
+def captioner_run_record() -> dict[str, Any]:
+    """models/captioner.ckpt.pt after two epochs."""
+    run = captioner_run()
+    run.epoch, run.train_loss, run.val_loss = 2, [1.5, 1.2], [1.6, 1.4]
+    return copy.deepcopy(run.to_checkpoint({}))
+
+
+LOSSES = "must be a list of finite numbers"
+CAPTIONER_RUN_DEFECTS: dict[str, tuple[Edit, str]] = {
+    "train_loss a tensor": (replacing("train_loss", torch.tensor([1.5, 1.2])),
+                            f"'train_loss' {LOSSES}"),
+    "a NaN val_loss": (replacing("val_loss", [float("nan"), 1.4]), f"'val_loss' {LOSSES}"),
+    "a string among the losses": (replacing("train_loss", ["1.5", 1.2]), f"'train_loss' {LOSSES}"),
+    "a loss short": (replacing("val_loss", [1.6]),
+                     "'train_loss' and 'val_loss' must hold one loss per epoch (2)"),
+}
+
+
+@pytest.mark.parametrize("defect", sorted(CAPTIONER_RUN_DEFECTS))
+def test_unfit_captioner_checkpoint_is_refused_at_resume(tmp_path: Path,
+                                                         captioner_run_record: dict[str, Any],
+                                                         defect: str) -> None:
+    edit, phrase = CAPTIONER_RUN_DEFECTS[defect]
+    path = tmp_path / "captioner.ckpt.pt"
+    refusal(restoring(captioner_run(), edited(captioner_run_record, edit), path), path,
+            f"checkpoint does not fit this run ({phrase}")
+
+
+def damsm_run(tiny_config: Config, vocab: Vocabulary) -> damsm.TrainState:
+    """A DAMSM run (no memory, no objects) with a weight average, as train_damsm starts it."""
+    torch.manual_seed(0)
+    text = damsm.build_text_encoder(len(vocab), tiny_config.encoder, None)
+    image = damsm.build_image_encoder(tiny_config.encoder, None)
+    parameters = [p for p in [*text.parameters(), *image.parameters()] if p.requires_grad]
+    run = damsm.TrainState(text, image, torch.optim.Adam(parameters, betas=damsm.ADAM_BETAS))
+    run.average = WeightAverage(run.encoders(), 0.99, 1.0, follow=run.learned_keys())
+    return run
+
+
+@pytest.fixture(scope="module")
+def damsm_run_record(tiny_config: Config, vocab: Vocabulary) -> dict[str, Any]:
+    """models/damsm-no-memory-no-oaie.ckpt.pt after one epoch, one image recorded as failed."""
+    run = damsm_run(tiny_config, vocab)
+    run.epoch, run.history = 1, [{"epoch": 1.0, "train_loss": 3.2, "r_precision": 0.4}]
+    run.failed, run.failed_indices = {9: "truncated JPEG"}, {4}
+    return copy.deepcopy(run.to_checkpoint({}))
+
+
+HISTORY = "'history' must hold one dict of metrics per epoch (1)"
+DAMSM_RUN_DEFECTS: dict[str, tuple[Edit, str]] = {
+    "history a row short": (replacing("history", []), HISTORY),
+    "history a dict": (replacing("history", {"epoch": 1.0}), HISTORY),
+    "a number as a metric's name": (replacing("history", [{1: 0.4}]), HISTORY),
+    "a NaN metric": (replacing("history", [{"r_precision": float("nan")}]),
+                     f"'history' metrics {LOSSES}"),
+    "a string metric": (replacing("history", [{"r_precision": "0.4"}]),
+                        f"'history' metrics {LOSSES}"),
+    "a failed index as a string": (replacing("failed_indices", ["4"]),
+                                   "'failed_indices' must be a list of dataset positions"),
+    "a negative failed index": (replacing("failed_indices", [-4]),
+                                "'failed_indices' must be a list of dataset positions"),
+    "fewer failed reasons than ids": (replacing("failed_reasons", []), FAILED),
+    "no average while averaging is on": (replacing("average", None), SWITCHED),
+    "negative average updates": (in_part("average", "updates", -1),
+                                 "'updates' must be an integer from 0, got -1"),
+    "other Adam betas": (in_group("betas", (0.9, 0.999)),
+                         "optimizer settings of group 0 differ from this run's"),
+}
+
+
+@pytest.mark.parametrize("defect", sorted(DAMSM_RUN_DEFECTS))
+def test_unfit_damsm_checkpoint_is_refused_at_resume(tmp_path: Path, tiny_config: Config,
+                                                     vocab: Vocabulary,
+                                                     damsm_run_record: dict[str, Any],
+                                                     defect: str) -> None:
+    edit, phrase = DAMSM_RUN_DEFECTS[defect]
+    path = tmp_path / "damsm.ckpt.pt"
+    refusal(restoring(damsm_run(tiny_config, vocab), edited(damsm_run_record, edit), path),
+            path, f"checkpoint does not fit this run ({phrase}")
+
+
+def test_damsm_checkpoint_restores(tiny_config: Config, vocab: Vocabulary,
+                                   damsm_run_record: dict[str, Any]) -> None:
+    run = damsm_run(tiny_config, vocab)
+    run.restore(damsm_run_record)
+    assert run.history == [{"epoch": 1.0, "train_loss": 3.2, "r_precision": 0.4}]
+    assert (run.failed, run.failed_indices) == ({9: "truncated JPEG"}, {4})
 
 
 # ----------------------------------------------------------------------------- DAMSM encoders

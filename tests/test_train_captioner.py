@@ -185,7 +185,7 @@ def test_resume_continues_exactly(data, trained, tmp_path):
         _train(data, models, epochs=4, batch_size=4, resume=True)
     del ours["optimizer"]
     torch.save(ours, models / CHECKPOINT_NAME)
-    with pytest.raises(CpganError, match=r"captioner.*do not fit this run \('optimizer'\)"):
+    with pytest.raises(CpganError, match=r"captioner.*does not fit this run \('optimizer'\)"):
         _train(data, models, epochs=4, resume=True)
 
 

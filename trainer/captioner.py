@@ -64,6 +64,7 @@ from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.text import Vocabulary
 from cpgan.torch_file import load_torch_file, refuse_nonfinite
 from cpgan.trainer.resume import (
+    finite_numbers,
     load_epoch_checkpoint,
     load_optimizer_state,
     refusing_unfit_checkpoint,
@@ -409,7 +410,11 @@ class TrainState:
         self.model.load_state_dict(state["model"])
         load_optimizer_state(self.optimizer, state["optimizer"])
         self.epoch = int(state["epoch"])
-        self.train_loss, self.val_loss = list(state["train_loss"]), list(state["val_loss"])
+        self.train_loss = finite_numbers(state["train_loss"], "'train_loss'")
+        self.val_loss = finite_numbers(state["val_loss"], "'val_loss'")
+        if not len(self.train_loss) == len(self.val_loss) == self.epoch:
+            raise ValueError(f"'train_loss' and 'val_loss' must hold one loss per epoch "
+                             f"({self.epoch})")
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])

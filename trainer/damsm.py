@@ -98,6 +98,9 @@ from cpgan.trainer.data import Batch, TextImageDataset, batches, make_loader, pa
 from cpgan.trainer.negatives import WordSwaps, swapped_captions, words_of_kind
 from cpgan.trainer.region_cache import RegionCache, cache_bytes
 from cpgan.trainer.resume import (
+    count_entry,
+    failed_images,
+    finite_numbers,
     load_epoch_checkpoint,
     load_optimizer_state,
     refusing_unfit_checkpoint,
@@ -477,17 +480,32 @@ class TrainState:
     def restore(self, state: dict[str, Any]) -> None:
         load_text_state(self.text, state["text_encoder"])
         self.image.load_learned_state_dict(state["image_encoder"])
+        if (state["average"] is None) != (self.average is None):
+            raise ValueError("weight averaging was switched on or off since it was written")
         if self.average is not None:
             text, image = self.published()
             load_text_state(text, state["average"]["text_encoder"])
             image.load_learned_state_dict(state["average"]["image_encoder"])
-            self.average.updates = int(state["average"]["updates"])
+            self.average.updates = count_entry(state["average"], "updates")
         load_optimizer_state(self.optimizer, state["optimizer"])
         self.epoch = int(state["epoch"])
-        self.history = [dict(h) for h in state["history"]]
-        self.failed = dict(zip(state["failed_ids"], state["failed_reasons"]))
-        self.failed_indices = set(state["failed_indices"])
+        self.history = _history(state["history"], self.epoch)
+        self.failed = failed_images(state)
+        indices = state["failed_indices"]
+        if not isinstance(indices, list) or not all(type(i) is int and i >= 0 for i in indices):
+            raise ValueError("'failed_indices' must be a list of dataset positions")
+        self.failed_indices = set(indices)
         set_rng_state(state["rng"])
+
+
+def _history(rows: Any, epochs: int) -> list[dict[str, float]]:
+    """A checkpoint's per-epoch metrics: one dict of finite numbers per finished epoch (the
+    last one becomes the published record's metrics when the run is already done)."""
+    if not isinstance(rows, list) or len(rows) != epochs or not all(
+            isinstance(row, dict) and all(isinstance(k, str) for k in row) for row in rows):
+        raise ValueError(f"'history' must hold one dict of metrics per epoch ({epochs})")
+    return [dict(zip(row, finite_numbers(list(row.values()), "'history' metrics")))
+            for row in rows]
 
 
 def _load_checkpoint(path: Path, settings: dict[str, Any], total_epochs: int) -> dict[str, Any]:

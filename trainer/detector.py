@@ -57,7 +57,13 @@ from cpgan.pipeline.artifacts import atomic_write
 from cpgan.pipeline.coco import CocoSplit
 from cpgan.torch_file import load_torch_file
 from cpgan.trainer.averaging import WeightAverage
-from cpgan.trainer.resume import load_optimizer_state, refusing_unfit_checkpoint
+from cpgan.trainer.resume import (
+    count_entry,
+    failed_images,
+    finite_numbers,
+    load_optimizer_state,
+    refusing_unfit_checkpoint,
+)
 
 TRAIN_SPLIT = "train2014"
 VAL_SPLIT = "val2014"
@@ -438,17 +444,20 @@ class TrainState:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
+        """Put back a checkpoint that :func:`_load_checkpoint` matched to this run; a value
+        that does not fit raises ValueError (one line under ``refusing_unfit_checkpoint``)."""
         self.model.load_state_dict(state["model"])
         load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        _check_scheduler(self.scheduler, len(self.optimizer.param_groups))
         if (state["average"] is None) != (self.average is None):
-            raise CpganError("detector checkpoint: weight averaging was switched on or off; "
-                             "remove the checkpoint to restart")
+            raise ValueError("weight averaging was switched on or off since it was written")
         if self.average is not None:
             self.average.model.load_state_dict(state["average"])
-            self.average.updates = state["average_updates"]
-        self.epoch, self.seen = state["epoch"], state["seen"]
-        self.failed = dict(zip(state["failed_ids"], state["failed_reasons"]))
+            self.average.updates = count_entry(state, "average_updates")
+        self.epoch = count_entry(state, "epoch", most=state["settings"]["epochs"])
+        self.seen = count_entry(state, "seen")
+        self.failed = failed_images(state)
         _set_rng_state(state["rng"])
 
     @property
@@ -479,6 +488,16 @@ def _train_epoch(run: TrainState, loader: DataLoader, ignore: float, cls_weight:
             bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()}, refresh=False)
         run.scheduler.step()
         bar.update(len(batch.image_ids) + len(batch.failed))
+
+
+def _check_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, groups: int) -> None:
+    """A restored schedule's position is a count and its base rates one finite number per
+    parameter group (the scheduler's own load takes any values)."""
+    count_entry(vars(scheduler), "last_epoch")
+    count_entry(vars(scheduler), "_step_count")
+    rates = finite_numbers(scheduler.base_lrs, "the schedule's 'base_lrs'")
+    if len(rates) != groups or min(rates) < 0:
+        raise ValueError(f"the schedule's 'base_lrs' must be {groups} rates of at least 0")
 
 
 def _new_run(model: Darknet, config: DetectorConfig, total_steps: int) -> TrainState:

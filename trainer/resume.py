@@ -4,13 +4,15 @@ checkpoint belongs to the run resuming it, and one refusal for a checkpoint that
 A resumed run must continue *the same* run (the guide: a killed and resumed run gives the same
 result as an uninterrupted one), so a checkpoint is refused, in one line naming the file, when
 it was trained with other settings, when it is past the epochs asked for, or when its weights,
-optimizer or RNG states cannot be put back into this run's objects.
+optimizer or RNG states, counts or histories cannot be put back into this run's objects (the
+checks here are the ones the trainers share; torch's own loaders take any values there).
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -60,14 +62,24 @@ def load_epoch_checkpoint(
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Any) -> None:
-    """Put a checkpoint's optimizer state back, then check each parameter's entries.
+    """Put a checkpoint's optimizer state back, then check its settings and each parameter's
+    entries.
 
-    ``Optimizer.load_state_dict`` checks the parameter groups' sizes, not the per-parameter
-    state: an Adam moment of another shape loads, then crashes the first step far from the
-    file, and a NaN or negative one turns the weights it updates NaN at the first step. Raises
-    ``ValueError``, which :func:`refusing_unfit_checkpoint` turns into one line naming the file.
+    ``Optimizer.load_state_dict`` checks the parameter groups' sizes, not what they hold: an
+    Adam moment of another shape loads, then crashes the first step far from the file, a NaN
+    or negative one turns the weights it updates NaN at the first step, and the groups'
+    settings (betas, weight decay) replace this run's. Only the learning rate may differ (the
+    schedules change it). Raises ``ValueError``, which :func:`refusing_unfit_checkpoint` turns
+    into one line naming the file.
     """
+    expected = [_group_settings(group) for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
+    for index, group in enumerate(optimizer.param_groups):
+        if _group_settings(group) != expected[index]:
+            raise ValueError(f"optimizer settings of group {index} differ from this run's "
+                             f"({_group_settings(group)} against {expected[index]})")
+        if not _is_count_or_real(group["lr"]) or not 0 <= group["lr"] < math.inf:
+            raise ValueError(f"optimizer learning rate of group {index} is {group['lr']!r}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, param in enumerate(params):
         for key, value in optimizer.state.get(param, {}).items():
@@ -92,6 +104,44 @@ def _check_optimizer_entry(what: str, key: str, value: Any, param: torch.Tensor)
         raise ValueError(f"{what} holds negative values")
 
 
+def _group_settings(group: Mapping[str, Any]) -> dict[str, Any]:
+    """A parameter group's settings that no schedule changes."""
+    return {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+
+
+def _is_count_or_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def count_entry(state: Mapping[str, Any], key: str, most: int | None = None) -> int:
+    """``state[key]`` as a count (an epoch, images seen, average updates): an int, not a
+    bool, from 0 to ``most``."""
+    value = state[key]
+    if type(value) is not int or value < 0 or (most is not None and value > most):
+        bound = "" if most is None else f" up to {most}"
+        raise ValueError(f"'{key}' must be an integer from 0{bound}, got {value!r}")
+    return value
+
+
+def finite_numbers(values: Any, what: str) -> list[float]:
+    """``values`` as a list of finite numbers (a loss history)."""
+    if not isinstance(values, list) or not all(
+            _is_count_or_real(v) and math.isfinite(v) for v in values):
+        raise ValueError(f"{what} must be a list of finite numbers")
+    return [float(v) for v in values]
+
+
+def failed_images(state: Mapping[str, Any]) -> dict[int, str]:
+    """The images a run recorded as undecodable: ``failed_ids`` (image ids) and
+    ``failed_reasons`` (one message each), lists of one length."""
+    ids, reasons = state["failed_ids"], state["failed_reasons"]
+    if not isinstance(ids, list) or not isinstance(reasons, list) or len(ids) != len(reasons) \
+            or not all(type(i) is int for i in ids) or not all(isinstance(r, str) for r in reasons):
+        raise ValueError("'failed_ids' and 'failed_reasons' must be lists of image ids and "
+                         "messages of one length")
+    return dict(zip(ids, reasons))
+
+
 @contextmanager
 def refusing_unfit_checkpoint(path: Path) -> Iterator[None]:
     """Turn a failure to restore a checkpoint's states (a missing key, a tensor of another
@@ -100,5 +150,5 @@ def refusing_unfit_checkpoint(path: Path) -> Iterator[None]:
         yield
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CpganError(f"{path}: weights, optimizer or RNG states do not fit this run "
-                         f"({reason})") from None
+        raise CpganError(f"{path}: checkpoint does not fit this run ({reason}); remove it "
+                         "(or drop --resume) to restart") from None
