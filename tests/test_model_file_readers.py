@@ -576,7 +576,10 @@ DETECTOR_RUN_DEFECTS: dict[str, tuple[Edit, str]] = {
     "a base rate too few": (in_part("scheduler", "base_lrs", [1e-3]),
                             "the schedule's 'base_lrs' must be 2 rates of at least 0"),
     "other Adam betas": (in_group("betas", (0.5, 0.9)),
-                         "optimizer settings of group 0 differ from this run's"),
+                         "optimizer setting 'betas' of group 0 is (0.5, 0.9), this run (0.9,"),
+    "an unknown optimizer setting": (in_group("nesterov", True),
+                                     "optimizer setting 'nesterov' of group 0 is True, this run "
+                                     "None"),
     "a NaN learning rate": (in_group("lr", float("nan")),
                             "optimizer learning rate of group 0 is nan"),
 }
@@ -673,7 +676,7 @@ DAMSM_RUN_DEFECTS: dict[str, tuple[Edit, str]] = {
     "negative average updates": (in_part("average", "updates", -1),
                                  "'updates' must be an integer from 0, got -1"),
     "other Adam betas": (in_group("betas", (0.9, 0.999)),
-                         "optimizer settings of group 0 differ from this run's"),
+                         "optimizer setting 'betas' of group 0 is (0.9, 0.999), this run ("),
 }
 
 

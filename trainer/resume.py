@@ -75,9 +75,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Any) -> None:
     expected = [_group_settings(group) for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for index, group in enumerate(optimizer.param_groups):
-        if _group_settings(group) != expected[index]:
-            raise ValueError(f"optimizer settings of group {index} differ from this run's "
-                             f"({_group_settings(group)} against {expected[index]})")
+        stored, ours = _group_settings(group), expected[index]
+        for key in sorted(stored.keys() | ours.keys()):
+            if stored.get(key) != ours.get(key):
+                raise ValueError(f"optimizer setting '{key}' of group {index} is "
+                                 f"{stored.get(key)!r}, this run {ours.get(key)!r}")
         if not _is_count_or_real(group["lr"]) or not 0 <= group["lr"] < math.inf:
             raise ValueError(f"optimizer learning rate of group {index} is {group['lr']!r}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
