@@ -473,7 +473,8 @@ OPTIMIZER_DEFECTS: dict[str, tuple[Edit, str]] = {
     "an infinite moment in D's optimizer": (
         in_moment("exp_avg", lambda t: torch.full_like(t, float("inf")), "optimizer_d"),
         f"{FIRST_PARAM} is not finite floating-point"),
-    "a string moment": (in_moment("exp_avg", lambda t: "w"), f"{FIRST_PARAM} is not a dense tensor"),
+    "a string moment": (in_moment("exp_avg", lambda t: "w"),
+                        f"{FIRST_PARAM} is not a dense tensor"),
     "a sparse moment": (in_moment("exp_avg", lambda t: t.to_sparse()),
                         f"{FIRST_PARAM} is not a dense tensor"),
     "a negative second moment": (in_moment("exp_avg_sq", lambda t: -torch.ones_like(t)),
@@ -507,7 +508,8 @@ def test_stepped_checkpoint_restores_its_moments(tmp_path: Path, tiny_config: Co
     fresh = gan.build_state(tiny_config, True, torch.device("cpu"))
     gan.restore_state(fresh, gan.read_checkpoint(path), path)
     restored = fresh.optimizer_g.state_dict()["state"][0]
-    assert torch.equal(restored["exp_avg"], stepped_gan_record["optimizer_g"]["state"][0]["exp_avg"])
+    saved = stepped_gan_record["optimizer_g"]["state"][0]
+    assert torch.equal(restored["exp_avg"], saved["exp_avg"])
     assert float(restored["step"]) == 1.0
 
 
@@ -556,7 +558,8 @@ def detector_run_record(tiny_config: Config) -> dict[str, Any]:
 FAILED = "'failed_ids' and 'failed_reasons' must be lists of image ids and messages of one"
 SWITCHED = "weight averaging was switched on or off since it was written"
 DETECTOR_RUN_DEFECTS: dict[str, tuple[Edit, str]] = {
-    "epoch past the run's epochs": (replacing("epoch", 3), "'epoch' must be an integer from 0 up to 2"),
+    "epoch past the run's epochs": (replacing("epoch", 3),
+                                    "'epoch' must be an integer from 0 up to 2"),
     "epoch a string": (replacing("epoch", "1"), "'epoch' must be an integer from 0 up to 2"),
     "seen negative": (replacing("seen", -1), "'seen' must be an integer from 0, got -1"),
     "seen a float": (replacing("seen", 16.0), "'seen' must be an integer from 0"),

@@ -101,6 +101,7 @@ from cpgan.trainer.resume import (
     count_entry,
     failed_images,
     finite_numbers,
+    is_finite_number,
     load_epoch_checkpoint,
     load_optimizer_state,
     refusing_unfit_checkpoint,
@@ -920,7 +921,7 @@ def pretrained_variants(models_dir: Path) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"model": f"{path.parent.name}/{path.name}",
                                "memory": use_memory, "objects": use_objects}
         metrics = pretrained_summary(path)
-        if metrics is None or not all(_is_number(metrics.get(k)) for k in _REPORTED):
+        if metrics is None or not all(is_finite_number(metrics.get(k)) for k in _REPORTED):
             rows.append({**row, "error": f"{path}: no readable val metrics"})
             continue
         rows.append({**row, "epochs": int(metrics["epoch"]),
@@ -948,8 +949,5 @@ def recorded_history(model: Path) -> list[float] | None:
         values = [row["r_precision"] for row in history]
     except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
         return None
-    return [float(v) for v in values] if all(_is_number(v) for v in values) else None
+    return [float(v) for v in values] if all(is_finite_number(v) for v in values) else None
 
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

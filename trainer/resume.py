@@ -80,7 +80,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Any) -> None:
             if stored.get(key) != ours.get(key):
                 raise ValueError(f"optimizer setting '{key}' of group {index} is "
                                  f"{stored.get(key)!r}, this run {ours.get(key)!r}")
-        if not _is_count_or_real(group["lr"]) or not 0 <= group["lr"] < math.inf:
+        if not is_finite_number(group["lr"]) or group["lr"] < 0:
             raise ValueError(f"optimizer learning rate of group {index} is {group['lr']!r}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for index, param in enumerate(params):
@@ -111,8 +111,10 @@ def _group_settings(group: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
 
 
-def _is_count_or_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool, which is an int to Python) that is neither NaN nor
+    infinite: what a loss, a metric or a rate read from a file must be."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def count_entry(state: Mapping[str, Any], key: str, most: int | None = None) -> int:
@@ -127,8 +129,7 @@ def count_entry(state: Mapping[str, Any], key: str, most: int | None = None) -> 
 
 def finite_numbers(values: Any, what: str) -> list[float]:
     """``values`` as a list of finite numbers (a loss history)."""
-    if not isinstance(values, list) or not all(
-            _is_count_or_real(v) and math.isfinite(v) for v in values):
+    if not isinstance(values, list) or not all(is_finite_number(v) for v in values):
         raise ValueError(f"{what} must be a list of finite numbers")
     return [float(v) for v in values]
 
