@@ -149,6 +149,9 @@ class GanConfig:
                                          # the paper); False: c = mu(s), no KL term (ours)
     tiscl_stages: str = "last"    # TISCL on the last stage's image (Eq. 6, the paper) or
                                   # "all": the mean over every stage's, enlarged (ours)
+    tiscl_channels_last: bool = False  # TISCL's frozen encoders read the images in
+                                  # channels-last layout: faster convolutions on some CPUs, the
+                                  # same sums in another order (trainer/gan.py, stages_tiscl)
 
 
 @dataclass

@@ -266,6 +266,34 @@ def test_tiscl_on_every_stage_averages_the_enlarged_images_losses(setup, monkeyp
                  1, 1, 1, 0)
 
 
+def test_tiscl_in_channels_last_layout_changes_the_layout_not_the_loss(setup, monkeypatch):
+    """``gan.tiscl_channels_last``: the frozen encoders (grid backbone and detector) get the
+    images in channels-last layout, a speed choice; TISCL and its gradient to the pixels stay
+    those of the plain layout up to the order of the sums."""
+    config = copy.deepcopy(setup["config"])
+    encoders, _, batch = _one_step_inputs(setup, config)
+    text = gan.encode_text(encoders.text, batch.captions, batch.lengths)
+    image = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    seen = []
+    darknet_forward = type(encoders.image.detector.darknet).forward
+
+    def spy(self, images, *args, **kwargs):
+        seen.append(images.is_contiguous(memory_format=torch.channels_last))
+        return darknet_forward(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(type(encoders.image.detector.darknet), "forward", spy)
+    results = {}
+    for layout_on in (False, True):
+        config.gan.tiscl_channels_last = layout_on
+        pixels = image.clone().requires_grad_(True)
+        loss = gan.stages_tiscl(encoders.image, [pixels], text, config)
+        results[layout_on] = (loss.item(), torch.autograd.grad(loss, pixels)[0])
+    assert seen == [False, True]
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-8)
+    assert results[False][1].abs().max() > 1e-6  # the gradient compared is not all zeros
+
+
 def test_resume_after_a_kill_gives_the_same_run(setup, straight, monkeypatch):
     original = gan.train_step
 

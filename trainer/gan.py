@@ -280,7 +280,10 @@ def stages_tiscl(image_encoder: ObjectAwareImageEncoder, images: list[Tensor],
     The stages go through the encoder as one batch."""
     scored = images if config.gan.tiscl_stages == "all" else images[-1:]
     size = scored[-1].shape[-1]
-    encoded = image_encoder(torch.cat([enlarge(image, size) for image in scored]))
+    batch = torch.cat([enlarge(image, size) for image in scored])
+    if config.gan.tiscl_channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    encoded = image_encoder(batch)
     parts = zip(encoded.regions.chunk(len(scored)), encoded.global_feature.chunk(len(scored)),
                 encoded.region_mask.chunk(len(scored)))
     return torch.stack([_encoded_damsm_loss(regions, feature, mask, text, config)
