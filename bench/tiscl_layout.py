@@ -76,8 +76,8 @@ def main() -> None:
         "rounds": args.rounds, "steps_per_block": args.steps,
         "plain_s_per_step": [round(t, 3) for t in wall[False]],
         "channels_last_s_per_step": [round(t, 3) for t in wall[True]],
-        "wall_ratio_per_round": wall_ratios, "wall_ratio_median": statistics.median(wall_ratios),
-        "cpu_ratio_per_round": cpu_ratios, "cpu_ratio_median": statistics.median(cpu_ratios),
+        "wall_ratio_per_round": wall_ratios, "wall_ratio_median": round(statistics.median(wall_ratios), 3),
+        "cpu_ratio_per_round": cpu_ratios, "cpu_ratio_median": round(statistics.median(cpu_ratios), 3),
     }, indent=1))
 
 

@@ -150,8 +150,9 @@ class GanConfig:
     tiscl_stages: str = "last"    # TISCL on the last stage's image (Eq. 6, the paper) or
                                   # "all": the mean over every stage's, enlarged (ours)
     tiscl_channels_last: bool = False  # TISCL's frozen encoders read the images in
-                                  # channels-last layout: faster convolutions on some CPUs, the
-                                  # same sums in another order (trainer/gan.py, stages_tiscl)
+                                  # channels-last layout: a toy step 0.93 times as long on AMD
+                                  # AVX-512 cores, the same sums in another order, but SOA-C
+                                  # lower on 5 of 5 toy GAN seeds (RESULTS.md, session 36)
 
 
 @dataclass
