@@ -15,10 +15,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from cpgan import layout
 from cpgan.config import fill_new_keys
+from cpgan.errors import CpganError, one_line
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".lock"
@@ -73,6 +77,23 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_parquet(path: Path, missing: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """The table in ``path`` (only ``columns`` when given); a one-line :class:`CpganError` when
+    the file is absent (``missing`` says what it is and what writes it) or not Parquet. The
+    caller checks the schema: each artifact has its own."""
+    import pyarrow as pa  # here, not at the top: every CLI imports this module, few read Parquet
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=columns)
+        _ = table.schema.names  # decoded on first use: a footer whose names are not UTF-8 fails here
+    except FileNotFoundError:
+        raise CpganError(f"{path}: {missing}") from None
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+        raise CpganError(f"{path}: not a readable Parquet file ({one_line(exc)})") from None
+    return table
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from cpgan import __version__
-from cpgan.errors import CpganError, one_line
+from cpgan.errors import CpganError
 from cpgan.model.butd import BOS_ID, EOS_ID, PAD_ID, salient_regions
 from cpgan.pipeline import regions as store
 from cpgan.pipeline.attention_table import ATTENTION_SCHEMA
@@ -48,6 +48,7 @@ from cpgan.pipeline.artifacts import (
     atomic_write,
     atomic_write_text,
     folder_lock,
+    read_parquet,
     sweep_temporaries,
 )
 from cpgan.pipeline.categories import HIT_IOU, category_words, region_hits
@@ -216,16 +217,10 @@ def part_metadata(path: Path) -> dict[str, Any] | None:
 
 def read_part(path: Path) -> pa.Table:
     """Read and validate one attention part (schema exactly as DESIGN §3)."""
-    try:
-        table = pq.read_table(path)
-        names = table.schema.names
-    except FileNotFoundError:
-        raise CpganError(f"{path}: attention part is missing (run 'cpgan-prep attend')") from None
-    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
-        raise CpganError(f"{path}: not a readable Parquet file "
-                         f"({one_line(exc)})") from None
+    table = read_parquet(path, "attention part is missing (run 'cpgan-prep attend')")
     if not table.schema.remove_metadata().equals(SCHEMA):
-        raise CpganError(f"{path}: columns {names} do not match the attention schema")
+        raise CpganError(f"{path}: columns {table.schema.names} do not match the attention "
+                         "schema")
     return table
 
 

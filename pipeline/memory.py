@@ -144,11 +144,8 @@ def _part_image_range(path: Path) -> tuple[int, int] | None:
             continue
         stats = row_group.column(column).statistics
         if stats is None or not stats.has_min_max:
-            try:
-                values = pq.read_table(path, columns=["image_id"])["image_id"]
-            except (pa.ArrowException, OSError) as exc:
-                raise CpganError(f"{path}: not a readable Parquet file "
-                                 f"({one_line(exc)})") from None
+            values = artifacts.read_parquet(path, "attention part is missing",
+                                            columns=["image_id"])["image_id"]
             if len(values) != meta.num_rows:
                 raise CpganError(f"{path}: not a readable Parquet file (column 'image_id' has "
                                  f"{len(values)} values for {meta.num_rows} rows)")
@@ -178,15 +175,8 @@ def read_attention_part(path: str | Path, vocab_size: int, index_path: str | Pat
     no nulls, word ids inside the vocabulary, regions >= 0, weights finite in (0, 1], every
     image detected (an ``ok`` row of the split in ``regions/index.parquet``)."""
     path = Path(path)
-    try:
-        table = pq.read_table(path)
-        problem = _schema_problem(table.schema)
-    except FileNotFoundError:
-        raise CpganError(f"{path}: attention part is missing") from None
-    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
-        raise CpganError(f"{path}: not a readable Parquet file "
-                         f"({one_line(exc)})") from None
-    if problem:
+    table = artifacts.read_parquet(path, "attention part is missing")
+    if problem := _schema_problem(table.schema):
         raise CpganError(f"{path}: not an attention part: {problem}")
     for name in ATTENTION_SCHEMA.names:
         if table.column(name).null_count:
@@ -836,17 +826,10 @@ def read_bank(path: str | Path, vocab: Vocabulary, vocab_name: str,
 def read_memory_index(path: str | Path) -> pd.DataFrame:
     """``memory_index.parquet`` as a DataFrame, its schema checked."""
     path = Path(path)
-    try:
-        table = pq.read_table(path)
-        names = table.schema.names
-    except FileNotFoundError:
-        raise CpganError(f"{path}: memory index not found "
-                         "(run 'cpgan-prep build-memory')") from None
-    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
-        raise CpganError(f"{path}: not a readable Parquet file "
-                         f"({one_line(exc)})") from None
+    table = artifacts.read_parquet(path, "memory index not found (run 'cpgan-prep build-memory')")
     if not table.schema.equals(MEMORY_INDEX_SCHEMA):
-        raise CpganError(f"{path}: columns {names} do not match the memory index schema")
+        raise CpganError(f"{path}: columns {table.schema.names} do not match the memory index "
+                         "schema")
     return table.to_pandas()
 
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from cpgan import layout
 from cpgan.errors import CpganError, one_line
-from cpgan.pipeline.artifacts import atomic_write
+from cpgan.pipeline.artifacts import atomic_write, read_parquet
 
 INDEX_NAME = layout.REGION_INDEX_NAME  # in cpgan.layout: read without torch
 INDEX_SCHEMA = pa.schema(
@@ -220,14 +220,8 @@ def write_index(path: Path, table: pa.Table) -> None:
 
 def read_index(path: Path) -> pa.Table:
     """Read and validate ``regions/index.parquet``."""
-    try:
-        table = pq.read_table(path)
-        names = table.schema.names
-    except FileNotFoundError:
-        raise CpganError(f"{path}: region index is missing (run 'cpgan-prep detect')") from None
-    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
-        raise CpganError(f"{path}: not a readable Parquet file "
-                         f"({one_line(exc)})") from None
+    table = read_parquet(path, "region index is missing (run 'cpgan-prep detect')")
     if not table.schema.equals(INDEX_SCHEMA):
-        raise CpganError(f"{path}: columns {names} do not match the region index schema")
+        raise CpganError(f"{path}: columns {table.schema.names} do not match the region index "
+                         "schema")
     return table
